@@ -1,0 +1,170 @@
+"""Counts every IMDS and ARM request and applies the faults that cover it.
+
+Invariants: a ``status`` fault answers instead of the handler (no side effect happens); a
+``slow`` or ``hang`` fault delays the request and then lets the handler answer normally; a
+``malformed`` fault lets the handler act and spoils its answer; the control API is never
+counted nor faulted. On the ARM operation URL, ``slow`` and ``failed`` faults belong to the
+operation itself and are left to its handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from sidecar.simulator import routing
+from sidecar.simulator.endpoints import RECORD, WORLD
+from sidecar.simulator.errors import ArmError
+from sidecar.simulator.faults import HANG_CAP_SECONDS, Fault, malform
+from sidecar.simulator.responses import (
+    arm_error,
+    identity_error,
+    imds_error,
+    reason,
+    seconds_text,
+)
+from sidecar.simulator.traffic import RequestRecord
+from sidecar.simulator.world import World
+
+_HANG_POLL_SECONDS = 0.05
+_IDENTITY_ERRORS = {
+    400: "invalid_request",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    429: "too_many_requests",
+    503: "service_unavailable",
+}
+_ARM_CODES = {
+    400: "BadRequest",
+    401: "AuthenticationFailed",
+    403: "AuthorizationFailed",
+    404: "ResourceNotFound",
+    409: "Conflict",
+    410: "Gone",
+    412: "PreconditionFailed",
+    429: "TooManyRequests",
+    500: "InternalServerError",
+    502: "BadGateway",
+    503: "ServiceUnavailable",
+    504: "GatewayTimeout",
+}
+
+
+@web.middleware
+async def imds_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path == routing.CONTROL_PREFIX or request.path.startswith(
+        routing.CONTROL_PREFIX + "/"
+    ):
+        return await handler(request)
+    world = request.app[WORLD]
+    route = routing.match_imds(request.path)
+    kind = routing.imds_kind(route, request.method)
+    vm = (route.vm if route is not None else None) or world.config.default_vm
+    return await _guarded(world, request, handler, kind, vm)
+
+
+@web.middleware
+async def arm_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    world = request.app[WORLD]
+    kind = routing.arm_kind(routing.match_arm(request.path), request.method)
+    return await _guarded(world, request, handler, kind, caller_vm(world, request))
+
+
+def caller_vm(world: World, request: web.Request) -> str | None:
+    """The VM whose managed identity signed this ARM request, when the token is ours."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.casefold() != "bearer":
+        return None
+    token = world.tokens.find(value.strip())
+    return token.vm if token is not None else None
+
+
+async def _guarded(
+    world: World, request: web.Request, handler: Handler, kind: str, vm: str | None
+) -> web.StreamResponse:
+    record = world.requests.record(request.method, request.path_qs, kind, vm, request.remote or "")
+    request[RECORD] = record
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        response = await _with_faults(world, request, handler, kind, vm, record)
+        record.status = response.status
+        return response
+    except web.HTTPException as exc:
+        record.status = exc.status
+        raise
+    except asyncio.CancelledError:
+        record.status = 499  # the client went away (nginx's name for it)
+        raise
+    finally:
+        record.duration = loop.time() - started
+
+
+def _left_to_handler(kind: str, fault: Fault) -> bool:
+    return kind == "arm-operation" and fault.kind in ("slow", "failed")
+
+
+async def _with_faults(
+    world: World,
+    request: web.Request,
+    handler: Handler,
+    kind: str,
+    vm: str | None,
+    record: RequestRecord,
+) -> web.StreamResponse:
+    fault = world.faults.take(
+        kind, vm, accept=lambda f: f.kind != "failed" and not _left_to_handler(kind, f)
+    )
+    if fault is None:
+        return await handler(request)
+    record.fault = fault.fault_id
+    if fault.kind == "status":
+        return fault_answer(kind, fault)
+    if fault.kind == "slow":
+        await asyncio.sleep(fault.seconds)
+        return await handler(request)
+    if fault.kind == "hang":
+        await _hold(world, fault)
+        return await handler(request)
+    response = await handler(request)
+    return _spoil(response, kind, fault.variant)
+
+
+async def _hold(world: World, fault: Fault) -> None:
+    """Until the fault is deleted (or the cap passes); a client leaving cancels us."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + HANG_CAP_SECONDS
+    # Polling (not an asyncio.Event) keeps the fault book free of event-loop objects.
+    while world.faults.present(fault.fault_id) and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(_HANG_POLL_SECONDS)
+
+
+def fault_answer(kind: str, fault: Fault) -> web.Response:
+    """The error a ``status`` fault answers, in the shape of the API it hits."""
+    headers = {}
+    if fault.retry_after is not None:
+        headers["Retry-After"] = seconds_text(fault.retry_after)
+    status = fault.status
+    if kind.startswith("arm-"):
+        code = fault.code or _ARM_CODES.get(status, reason(status).replace(" ", ""))
+        message = fault.message or f"Simulated fault {fault.fault_id}: {reason(status)}."
+        return arm_error(ArmError(status, code, message, headers))
+    if kind == "token":
+        code = fault.code or _IDENTITY_ERRORS.get(status, "server_error")
+        message = fault.message or f"Simulated fault {fault.fault_id}: {reason(status)}"
+        return identity_error(status, code, message, headers)
+    return imds_error(status, fault.message or reason(status), headers)
+
+
+def _spoil(response: web.StreamResponse, kind: str, variant: str) -> web.StreamResponse:
+    if not isinstance(response, web.Response):
+        return response
+    body = response.body if isinstance(response.body, bytes) else b""
+    headers = {k: v for k, v in response.headers.items() if k.casefold() != "content-length"}
+    spoiled = web.Response(
+        body=malform(kind, variant, body), status=response.status, headers=headers
+    )
+    return spoiled
