@@ -131,7 +131,7 @@ def test_approves_once_when_the_drain_period_is_over() -> None:
     due = machine.tick(state, NOW + 30, POLICY)
     assert due.actions == (Approve("e1"),)
     assert due.state.events["e1"].phase is Phase.APPROVING
-    assert machine.tick(due.state, NOW + 31, POLICY).actions == (), "no second POST while one is out"
+    assert machine.tick(due.state, NOW + 31, POLICY).actions == (), "a second POST while one is out"
 
     done = machine.approval_succeeded(due.state, "e1", NOW + 30.2).state
     assert done.events["e1"].phase is Phase.APPROVED

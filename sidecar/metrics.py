@@ -1,0 +1,53 @@
+"""Prometheus metrics, on a registry of their own so that two sidecars in one process never mix."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.serving = Gauge(
+            "sidecar_serving", "1 while the probe answers 200, 0 otherwise.", registry=self.registry
+        )
+        self.polls = Counter(
+            "sidecar_imds_polls",
+            "Scheduled Events polls, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.poll_seconds = Histogram(
+            "sidecar_imds_poll_seconds",
+            "Duration of Scheduled Events polls.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+            registry=self.registry,
+        )
+        self.last_success = Gauge(
+            "sidecar_imds_last_success_timestamp_seconds",
+            "When Scheduled Events last answered.",
+            registry=self.registry,
+        )
+        self.incarnation = Gauge(
+            "sidecar_imds_document_incarnation",
+            "DocumentIncarnation of the last document read.",
+            registry=self.registry,
+        )
+        self.events = Gauge(
+            "sidecar_events", "Events in the document, by phase.", ["phase"], registry=self.registry
+        )
+        self.approvals = Counter(
+            "sidecar_approvals",
+            "Approval POSTs, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.state_writes = Counter(
+            "sidecar_state_writes",
+            "State file writes, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,37 @@
+"""Fixtures: a fresh simulator per test, and sidecars started against it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import Sidecar, Simulator
+
+
+@pytest.fixture
+def simulator(tmp_path: Path) -> Iterator[Simulator]:
+    sim = Simulator(tmp_path, "--no-arm", "--started-seconds", "2")
+    yield sim
+    sim.close()
+
+
+SidecarFactory = Callable[..., Sidecar]
+
+
+@pytest.fixture
+def start_sidecar(tmp_path: Path, simulator: Simulator) -> Iterator[SidecarFactory]:
+    """Starts `sidecar run` against the simulator, with SIDECAR_* overrides as keywords."""
+    started: list[Sidecar] = []
+
+    def start(**settings: str) -> Sidecar:
+        env = {"SIDECAR_IMDS_URL": simulator.imds_url, "SIDECAR_VM_NAME": "web-1"}
+        env.update({f"SIDECAR_{key.upper()}": value for key, value in settings.items()})
+        sidecar = Sidecar(tmp_path, {k: v for k, v in env.items() if v != ""})
+        started.append(sidecar)
+        return sidecar
+
+    yield start
+    for sidecar in started:
+        sidecar.close()

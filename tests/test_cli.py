@@ -1,0 +1,96 @@
+"""The command line as a user meets it: versions, configuration errors, the state file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar import __version__
+from tests.conftest import SidecarFactory
+from tests.support import Simulator, child_env
+
+
+def sidecar_cli(*args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    env = child_env({f"SIDECAR_{key.upper()}": value for key, value in settings.items()})
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_version() -> None:
+    result = sidecar_cli("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"sidecar {__version__}")
+
+
+BAD_SETTINGS = [
+    ({"port": "70000"}, "SIDECAR_PORT='70000': Input should be less than or equal to 65535"),
+    ({"event_types": "Reboot,Nap"}, "SIDECAR_EVENT_TYPES='Reboot,Nap': unknown event type Nap"),
+    ({"approve": "sometimes"}, "SIDECAR_APPROVE='sometimes': Input should be 'leader'"),
+    ({"imds_url": "169.254.169.254"}, "SIDECAR_IMDS_URL='169.254.169.254': must be an http"),
+    ({"poll_interval": "0.01"}, "SIDECAR_POLL_INTERVAL='0.01': Input should be greater"),
+    ({"health_path": "/status"}, "SIDECAR_HEALTH_PATH='/status': must not be one of"),
+    ({"drain_seconds": "soon"}, "SIDECAR_DRAIN_SECONDS='soon': Input should be a valid number"),
+    ({"drain_second": "5"}, "SIDECAR_DRAIN_SECOND: unknown setting (did you mean"),
+]
+
+
+@pytest.mark.parametrize("command", ["run", "check-config"])
+@pytest.mark.parametrize(
+    ("settings", "message"), BAD_SETTINGS, ids=[next(iter(s[0])) for s in BAD_SETTINGS]
+)
+def test_bad_setting_stops_start_up_with_one_line(
+    command: str, settings: dict[str, str], message: str
+) -> None:
+    result = sidecar_cli(command, **settings)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"sidecar: configuration error: {message}")
+
+
+def test_check_config_prints_the_effective_settings() -> None:
+    result = sidecar_cli("check-config", event_types="reboot, Freeze", drain_seconds="12")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "SIDECAR_EVENT_TYPES=Freeze,Reboot" in lines
+    assert "SIDECAR_DRAIN_SECONDS=12.0" in lines
+    assert "SIDECAR_IMDS_URL=http://169.254.169.254" in lines
+    assert "SIDECAR_APPROVE=leader" in lines
+
+
+def test_state_file_that_cannot_be_written_stops_start_up(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    result = sidecar_cli("run", state_file=str(blocker / "state.json"), port="1")
+    assert result.returncode == 2
+    assert f"SIDECAR_STATE_FILE={blocker}/state.json: cannot write in {blocker}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_state_file_is_moved_aside(
+    simulator: Simulator, start_sidecar: SidecarFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "state.json").write_text('{"version": 1, "drain": {"appr')
+    sidecar = start_sidecar()
+    sidecar.wait_probe(200)
+    aside = list(tmp_path.glob("state.json.corrupt-*"))
+    assert len(aside) == 1
+    assert aside[0].read_text() == '{"version": 1, "drain": {"appr'
+    assert "moved it to" in sidecar.process.output()
+
+
+def test_vm_name_comes_from_instance_metadata(
+    simulator: Simulator, start_sidecar: SidecarFactory
+) -> None:
+    sidecar = start_sidecar(vm_name="")
+    sidecar.wait_probe(200)
+    assert sidecar.status()["vm_name"] == "web-1"
+    assert "compute.name" in sidecar.process.output()

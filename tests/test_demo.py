@@ -1,0 +1,36 @@
+"""The README's first command ends in `sidecar demo`: it must tell the whole story and exit 0."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.support import child_env
+
+
+def test_demo_runs_one_maintenance_end_to_end() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "demo"],
+        env=child_env({}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    story = [
+        "200: serving",
+        "schedules a Reboot",
+        "sees it: draining",
+        "503: the load balancer stops sending new flows",
+        "approves the event",
+        "starts the event",
+        "leaves the document",
+        "200: back in rotation",
+        "1 approval",
+    ]
+    lines = result.stdout.splitlines()
+    positions = [next(i for i, line in enumerate(lines) if step in line) for step in story]
+    assert positions == sorted(positions), result.stdout
+    seconds = float(lines[-1].split("s", 1)[0])
+    assert seconds < 60
