@@ -1,16 +1,18 @@
 """`sidecar run`: wires the pieces together and owns their lifecycle.
 
-Start-up: state file checked, probe server listening (answering 503 until the first poll), then
-the drain loop. Shutdown on SIGTERM/SIGINT: the loop is cancelled, the state written, the probe
+Start-up: state file checked, Azure SDKs imported if pool removal is on (now, not when the first
+event arrives), probe server listening (503 until the first poll), then the drain loop and the
+pool action. Shutdown on SIGTERM/SIGINT: the tasks are cancelled, the state written, the probe
 server closed last; all within a few seconds, exit code 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -19,7 +21,7 @@ from sidecar.imds import ImdsClient, new_session
 from sidecar.metrics import Metrics
 from sidecar.server import make_app
 from sidecar.settings import Settings
-from sidecar.store import StateStore
+from sidecar.store import StateDocument, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     stop = stop or _stop_on_signals()
     store = StateStore(settings.state_file)
     store.check_writable()
+    document = StateDocument(store)
+    metrics = Metrics()
     session = new_session()
     imds = ImdsClient(
         session,
@@ -38,7 +42,10 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         api_version=settings.api_version,
         instance_api_version=settings.instance_api_version,
     )
-    drainer = Drainer(settings, imds, store, Metrics())
+    drainer = Drainer(settings, imds, document, metrics)
+    tasks: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {"drain-loop": drainer.run}
+    if settings.arm_enabled:
+        tasks["pool-action"] = _pool_action(settings, document, metrics, drainer)
     runner = web.AppRunner(
         make_app(drainer, settings.health_path),
         access_log=None,
@@ -56,18 +63,58 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             settings.imds_url,
             settings.poll_interval,
         )
-        loop = asyncio.create_task(drainer.run(), name="drain-loop")
-        stopping = asyncio.create_task(stop.wait(), name="stop-signal")
-        await asyncio.wait({loop, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (loop, stopping):
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loop  # re-raises a crash of the loop, after the state is saved below
+        await _until_stopped_or_crashed(tasks, stop)
     finally:
         await drainer.close()
         await session.close()
         await runner.cleanup()
         log.info("stopped")
+
+
+def _pool_action(
+    settings: Settings, document: StateDocument, metrics: Metrics, drainer: Drainer
+) -> Callable[[], Coroutine[Any, Any, None]]:
+    """Imports the Azure SDKs now, at start-up: a Preempt leaves 30 s, not time to import."""
+    from sidecar.arm import ArmNetwork, NicRef
+    from sidecar.pools import PoolAction
+
+    pools = PoolAction(settings, document, metrics, on_change=drainer.wake)
+    drainer.pools = pools
+
+    async def run() -> None:
+        await drainer.identified.wait()
+        compute = drainer.compute
+        subscription = (
+            NicRef.parse(settings.nic_id).subscription
+            if settings.nic_id
+            else compute.subscription_id
+            if compute is not None
+            else ""
+        )
+        network = ArmNetwork(settings, subscription)
+        try:
+            await pools.run(compute, network)
+        finally:
+            await network.close()
+
+    return run
+
+
+async def _until_stopped_or_crashed(
+    loops: dict[str, Callable[[], Coroutine[Any, Any, None]]], stop: asyncio.Event
+) -> None:
+    """Runs the loops until `stop`; a loop that crashes stops the others and re-raises."""
+    tasks = [asyncio.create_task(loop(), name=name) for name, loop in loops.items()]
+    stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+    try:
+        await asyncio.wait([*tasks, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (*tasks, stopping):
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
 
 
 def _stop_on_signals() -> asyncio.Event:

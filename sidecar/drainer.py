@@ -8,11 +8,12 @@ file as soon as IMDS accepts it, before anything else happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from sidecar import machine
 from sidecar.backoff import Backoff
@@ -21,9 +22,23 @@ from sidecar.imds import Compute, ImdsClient, ImdsError
 from sidecar.machine import Decision, DrainState, Phase, Policy
 from sidecar.metrics import Metrics
 from sidecar.settings import Settings
-from sidecar.store import StateStore, drain_section, restore_drain
+from sidecar.store import StateDocument, drain_section, restore_drain
 
 log = logging.getLogger(__name__)
+
+
+class PoolGate(Protocol):
+    """What the drain loop needs of the pool action (kept apart so Azure stays unimported)."""
+
+    def want(self, out: bool) -> None: ...
+
+    @property
+    def settled(self) -> bool: ...
+
+    @property
+    def holds_probe(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -42,28 +57,36 @@ class Drainer:
         self,
         settings: Settings,
         imds: ImdsClient,
-        store: StateStore,
+        document: StateDocument,
         metrics: Metrics,
         *,
+        pools: PoolGate | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.imds = imds
-        self.store = store
+        self.document = document
         self.metrics = metrics
         self.clock = clock
-        self.document = store.load()
-        self.state: DrainState = restore_drain(self.document)
+        self.state: DrainState = restore_drain(document.sections)
         self.polls = PollHealth()
         self.compute: Compute | None = None
         self.vm_name: str | None = settings.vm_name
+        self.pools = pools
+        self.identified = asyncio.Event()
+        """Set once `vm_name` (and `compute`, when it is needed) are known."""
+        self._wake = asyncio.Event()
         self._serving_logged: bool | None = None
         self._skipped_logged: tuple[str, ...] = ()
         self._publish()
 
     @property
     def serving(self) -> bool:
-        return self.state.serving
+        return self.state.serving and not (self.pools is not None and self.pools.holds_probe)
+
+    def wake(self) -> None:
+        """Re-decide now: the pool action finished something the approval may wait for."""
+        self._wake.set()
 
     async def run(self) -> None:
         """Runs until cancelled."""
@@ -80,7 +103,9 @@ class Drainer:
                 else:
                     next_poll = time.monotonic() + backoff.next_delay(error.retry_after)
             await self._apply(machine.tick(self.state, self.clock(), policy), policy)
-            await asyncio.sleep(self._pause_until(next_poll))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._pause_until(next_poll))
+            self._wake.clear()
 
     def _pause_until(self, next_poll: float) -> float:
         pause = next_poll - time.monotonic()
@@ -91,8 +116,9 @@ class Drainer:
 
     async def _resolve_identity(self) -> str:
         """`compute.name` is what Azure puts in `Resources` (not the hostname)."""
-        if self.vm_name is not None:
+        if self.vm_name is not None and not self.settings.arm_enabled:
             log.info("this VM is %s (SIDECAR_VM_NAME)", self.vm_name)
+            self.identified.set()
             return self.vm_name
         backoff = Backoff(self.settings.poll_interval, self.settings.backoff_max)
         while True:
@@ -102,8 +128,10 @@ class Drainer:
                 self._record_failure(f"instance metadata: {error}")
                 await asyncio.sleep(backoff.next_delay(error.retry_after))
                 continue
-            self.vm_name = self.compute.name
-            log.info("this VM is %s (instance metadata compute.name)", self.vm_name)
+            source = "SIDECAR_VM_NAME" if self.vm_name else "instance metadata compute.name"
+            self.vm_name = self.vm_name or self.compute.name
+            log.info("this VM is %s (%s)", self.vm_name, source)
+            self.identified.set()
             return self.vm_name
 
     async def _poll(self, policy: Policy) -> ImdsError | None:
@@ -148,7 +176,12 @@ class Drainer:
         log.warning("IMDS failure %d: %s (%s)", self.polls.consecutive_failures, message, verdict)
 
     async def _apply(self, decision: Decision, policy: Policy) -> None:
-        self.state = decision.state
+        state = decision.state
+        if self.pools is not None and state.ready:
+            # the probe has flipped (it reads the state); now the pools follow, in the background
+            self.pools.want(any(t.holds_probe_down for t in state.events.values()))
+            state = replace(state, pools_settled=self.pools.settled)
+        self.state = state
         for change in decision.changes:
             self._log_change(change)
         self._publish()
@@ -171,12 +204,11 @@ class Drainer:
         await self._apply(decision, policy)
 
     async def _persist(self) -> None:
-        self.document = {**self.document, "drain": drain_section(self.state)}
         try:
-            written = await asyncio.to_thread(self.store.save, self.document)
+            written = await self.document.write("drain", drain_section(self.state))
         except OSError as error:
             self.metrics.state_writes.labels("error").inc()
-            log.error("cannot write state file %s: %s", self.store.path, error)
+            log.error("cannot write state file %s: %s", self.document.store.path, error)
         else:
             if written:
                 self.metrics.state_writes.labels("ok").inc()
@@ -206,7 +238,7 @@ class Drainer:
 
     def _publish(self) -> None:
         """Mirrors the state into metrics and logs each flip of the probe once."""
-        serving = self.state.serving
+        serving = self.serving
         self.metrics.serving.set(1 if serving else 0)
         for phase in Phase:
             count = sum(1 for t in self.state.events.values() if t.phase is phase)
@@ -214,15 +246,18 @@ class Drainer:
         if serving != self._serving_logged:
             if serving:
                 log.info("probe: 200 serving")
+            elif not self.state.ready:
+                log.info("probe: 503 not ready: no poll has succeeded yet")
+            elif self.state.serving:
+                log.info("probe: 503 until the NIC is back in its backend pools")
             else:
-                why = "draining" if self.state.ready else "not ready: no poll has succeeded yet"
-                log.info("probe: 503 %s", why)
+                log.info("probe: 503 draining")
             self._serving_logged = serving
 
     def status(self) -> dict[str, Any]:
         state = self.state
         return {
-            "state": "serving" if state.serving else ("draining" if state.ready else "starting"),
+            "state": "serving" if self.serving else ("draining" if state.ready else "starting"),
             "vm_name": self.vm_name,
             "incarnation": state.incarnation,
             "events": [_event_status(t) for t in state.events.values()],
@@ -236,6 +271,7 @@ class Drainer:
                 "consecutive_failures": self.polls.consecutive_failures,
                 "successful_polls": self.polls.successes,
             },
+            "pools": self.pools.status() if self.pools is not None else None,
         }
 
 

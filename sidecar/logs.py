@@ -33,6 +33,8 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # The Azure SDK logs every HTTP request at INFO, headers included: keep it to warnings.
-    logging.getLogger("azure").setLevel(max(logging.WARNING, root.level))
+    # The Azure SDK logs every HTTP request at INFO and MSAL its token cache at DEBUG (both
+    # redact secrets): keep them to warnings, whatever the level asked for.
+    for noisy in ("azure", "msal"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -47,6 +47,8 @@ class Policy:
     min_drain_seconds: float
     deadline_margin_seconds: float
     approve: Literal["leader", "always", "never"]
+    pool_action: bool = False
+    """Whether a drain also takes the NIC out of its pools (approval then waits for it)."""
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 10.0
 
@@ -59,6 +61,7 @@ class Policy:
             min_drain_seconds=min(settings.min_drain_seconds, settings.drain_seconds),
             deadline_margin_seconds=settings.deadline_margin_seconds,
             approve=settings.approve,
+            pool_action=settings.arm_enabled,
             retry_max_seconds=settings.backoff_max,
         )
 
@@ -76,6 +79,8 @@ class Tracked:
     not_before: float | None = None
     drain_started: float | None = None
     approve_at: float | None = None
+    deadline: float | None = None
+    """NotBefore minus the margin: past it, approval no longer waits for the pools."""
     approved_at: float | None = None
     attempts: int = 0
     retry_at: float | None = None
@@ -94,10 +99,12 @@ class DrainState:
     approved: Mapping[str, float] = field(default_factory=dict)
     """EventId -> when IMDS accepted our approval; never approve these again."""
     incarnation: int | None = None
+    pools_settled: bool = True
+    """False while the pool action is still taking the NIC out; approval waits for it."""
 
     @property
     def serving(self) -> bool:
-        return self.ready and not any(t.holds_probe_down for t in self.events.values())
+        return self.ready and not _draining(self.events)
 
     def next_wakeup(self) -> float | None:
         """The next moment `tick` has something to do, if any."""
@@ -105,12 +112,20 @@ class DrainState:
             moment
             for t in self.events.values()
             for moment in (
-                t.approve_at if t.phase is Phase.DRAINING else None,
+                self.first_try_at(t) if t.phase is Phase.DRAINING else None,
                 t.retry_at if t.phase is Phase.APPROVING else None,
             )
             if moment is not None
         ]
         return min(moments, default=None)
+
+    def first_try_at(self, tracked: Tracked) -> float | None:
+        """When a draining event is due: its approve time, later while the pools lag."""
+        if self.pools_settled or tracked.approve_at is None:
+            return tracked.approve_at
+        if tracked.deadline is None:
+            return None  # waits for the pool action to report back
+        return max(tracked.approve_at, tracked.deadline)
 
 
 @dataclass(frozen=True)
@@ -162,8 +177,14 @@ def observe(state: DrainState, document: EventsDocument, now: float, policy: Pol
         for event_id, moment in state.approved.items()
         if event_id in events or now - moment < APPROVAL_MEMORY_SECONDS
     }
-    observed = DrainState(
-        ready=True, events=events, approved=approved, incarnation=document.incarnation
+    drain_begins = not _draining(state.events) and _draining(events)
+    observed = replace(
+        state,
+        ready=True,
+        events=events,
+        approved=approved,
+        incarnation=document.incarnation,
+        pools_settled=state.pools_settled and not (drain_begins and policy.pool_action),
     )
     due = tick(observed, now, policy)
     return Decision(due.state, due.actions, (*changes, *due.changes))
@@ -175,7 +196,7 @@ def tick(state: DrainState, now: float, policy: Policy) -> Decision:
     changes: list[Change] = []
     events = dict(state.events)
     for event_id, tracked in state.events.items():
-        first_try = tracked.phase is Phase.DRAINING and _reached(tracked.approve_at, now)
+        first_try = tracked.phase is Phase.DRAINING and _reached(state.first_try_at(tracked), now)
         retry = tracked.phase is Phase.APPROVING and _reached(tracked.retry_at, now)
         if not (first_try or retry) or event_id in state.approved:
             continue
@@ -253,6 +274,9 @@ def _classify(
     approve_at, reason = _approval_time(event, drain_started, policy)
     if approve_at is None:
         return replace(ours, phase=Phase.WAITING, reason=reason)
+    not_before = event.not_before
+    if not_before is not None:
+        ours = replace(ours, deadline=not_before - policy.deadline_margin_seconds)
     if before is not None and before.phase is Phase.APPROVING:
         return replace(
             ours,
@@ -285,6 +309,10 @@ def _approval_time(
     if deadline < drain_until:
         return deadline, "approves just before NotBefore"
     return drain_until, "approves after the drain period"
+
+
+def _draining(events: Mapping[str, Tracked]) -> bool:
+    return any(t.holds_probe_down for t in events.values())
 
 
 def _reached(moment: float | None, now: float) -> bool:

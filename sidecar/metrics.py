@@ -49,5 +49,17 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.arm_operations = Counter(
+            "sidecar_arm_operations",
+            "Backend-pool actions through ARM (discover, remove, restore), by outcome.",
+            ["action", "outcome"],
+            registry=self.registry,
+        )
+        self.pools_out = Gauge(
+            "sidecar_backend_pools_out",
+            "Backend-pool memberships this sidecar removed and has not put back yet.",
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

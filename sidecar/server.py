@@ -18,10 +18,10 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 async def probe(request: web.Request) -> web.Response:
-    state = request.app[DRAINER].state
-    if state.serving:
+    drainer = request.app[DRAINER]
+    if drainer.serving:
         return web.Response(text="serving\n")
-    return web.Response(status=503, text="draining\n" if state.ready else "starting\n")
+    return web.Response(status=503, text="draining\n" if drainer.state.ready else "starting\n")
 
 
 async def status(request: web.Request) -> web.Response:

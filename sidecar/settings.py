@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -35,6 +36,16 @@ DEFAULT_EVENT_TYPES = frozenset(
     {EventType.REBOOT, EventType.REDEPLOY, EventType.PREEMPT, EventType.TERMINATE}
 )
 RESERVED_PATHS = ("/status", "/metrics")
+NIC_ID_PATTERN = re.compile(
+    r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Network"
+    r"/networkInterfaces/[^/]+$",
+    re.IGNORECASE,
+)
+POOL_ID_PATTERN = re.compile(
+    r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Network"
+    r"/loadBalancers/[^/]+/backendAddressPools/[^/]+$",
+    re.IGNORECASE,
+)
 
 
 def _group(name: str) -> dict[str, Any]:
@@ -141,6 +152,51 @@ class Settings(BaseSettings):
         json_schema_extra=_group("Drain"),
     )
 
+    # --- Backend pool removal through Azure Resource Manager
+    arm_enabled: bool = Field(
+        False,
+        description="Also take this VM's NIC out of its backend pools during a drain.",
+        json_schema_extra=_group("ARM"),
+    )
+    arm_url: str = Field(
+        "https://management.azure.com",
+        description="Resource Manager endpoint (another cloud's, or the simulator's).",
+        json_schema_extra=_group("ARM"),
+    )
+    arm_audience: str = Field(
+        "https://management.azure.com",
+        description="Token audience for ARM; differs from the public cloud's in sovereign clouds.",
+        json_schema_extra=_group("ARM"),
+    )
+    arm_ca_bundle: Path | None = Field(
+        None,
+        description="PEM file of CAs to trust for ARM (private clouds, the simulator).",
+        json_schema_extra=_group("ARM"),
+    )
+    arm_timeout: float = Field(
+        20.0,
+        gt=0,
+        le=300,
+        description="Longest one NIC update may take, its long-running operation included.",
+        json_schema_extra=_group("ARM"),
+    )
+    managed_identity_client_id: str | None = Field(
+        None,
+        min_length=1,
+        description="Client id of a user-assigned identity; default: the system-assigned one.",
+        json_schema_extra=_group("ARM"),
+    )
+    nic_id: str | None = Field(
+        None,
+        description="Resource id of the NIC to manage; default: found from this VM's id.",
+        json_schema_extra=_group("ARM"),
+    )
+    backend_pool_ids: Annotated[frozenset[str], NoDecode] = Field(
+        frozenset(),
+        description="Comma-separated backend pool ids to leave; default: every pool of the NIC.",
+        json_schema_extra=_group("ARM"),
+    )
+
     # --- HTTP surface
     host: str = Field(
         "0.0.0.0",  # noqa: S104 - the load balancer probes from 168.63.129.16
@@ -171,7 +227,7 @@ class Settings(BaseSettings):
         json_schema_extra=_group("Logging"),
     )
 
-    @field_validator("imds_url")
+    @field_validator("imds_url", "arm_url", "arm_audience")
     @classmethod
     def _http_url(cls, value: str) -> str:
         parts = urlsplit(value)
@@ -194,6 +250,38 @@ class Settings(BaseSettings):
                 allowed = ", ".join(member.value for member in EventType)
                 raise ValueError(f"unknown event type {', '.join(unknown)}; allowed: {allowed}")
             return frozenset(by_lower[name.lower()] for name in names)
+        return value
+
+    @field_validator("backend_pool_ids", mode="before")
+    @classmethod
+    def _pool_ids(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        ids = [item.strip() for item in value.split(",") if item.strip()]
+        malformed = [item for item in ids if not POOL_ID_PATTERN.match(item)]
+        if malformed:
+            raise ValueError(
+                f"not a backend pool resource id: {malformed[0]} (expected /subscriptions/SUB"
+                "/resourceGroups/RG/providers/Microsoft.Network/loadBalancers/LB"
+                "/backendAddressPools/POOL)"
+            )
+        return frozenset(ids)
+
+    @field_validator("nic_id")
+    @classmethod
+    def _nic_id(cls, value: str | None) -> str | None:
+        if value is not None and not NIC_ID_PATTERN.match(value):
+            raise ValueError(
+                "not a network interface resource id (expected /subscriptions/SUB"
+                "/resourceGroups/RG/providers/Microsoft.Network/networkInterfaces/NAME)"
+            )
+        return value
+
+    @field_validator("arm_ca_bundle")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
         return value
 
     @field_validator("host")

@@ -7,6 +7,7 @@ sidecar starts afresh instead of crash-looping; sections this version does not k
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -106,6 +107,27 @@ class StateStore:
         return {}
 
 
+class StateDocument:
+    """The one state file, shared by the drain loop and the pool action, one section each.
+
+    Writes are serialized and happen off the event loop; `write` returns only once the new
+    document is on disk, so a caller can rely on it before acting (the pool action does).
+    """
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self.sections: dict[str, Any] = {
+            key: value for key, value in store.load().items() if key != "version"
+        }
+        self._lock = asyncio.Lock()
+
+    async def write(self, section: str, value: Any) -> bool:
+        """Raises OSError when the file cannot be written; returns whether anything changed."""
+        async with self._lock:
+            self.sections[section] = value
+            return await asyncio.to_thread(self.store.save, dict(self.sections))
+
+
 def _fsync_directory(directory: Path) -> None:
     """Makes the rename itself durable, so a power cut cannot bring back the old file."""
     fd = os.open(directory, os.O_RDONLY)
@@ -127,9 +149,9 @@ def drain_section(state: DrainState) -> dict[str, Any]:
     }
 
 
-def restore_drain(document: Mapping[str, Any]) -> DrainState:
+def restore_drain(sections: Mapping[str, Any]) -> DrainState:
     """Rebuilds what the last process knew; the first poll then brings it up to date."""
-    section = document.get("drain")
+    section = sections.get("drain")
     if not isinstance(section, dict):
         return DrainState()
     events: dict[str, Tracked] = {}

@@ -25,10 +25,12 @@ def start_sidecar(tmp_path: Path, simulator: Simulator) -> Iterator[SidecarFacto
     """Starts `sidecar run` against the simulator, with SIDECAR_* overrides as keywords."""
     started: list[Sidecar] = []
 
-    def start(**settings: str) -> Sidecar:
-        env = {"SIDECAR_IMDS_URL": simulator.imds_url, "SIDECAR_VM_NAME": "web-1"}
-        env.update({f"SIDECAR_{key.upper()}": value for key, value in settings.items()})
-        sidecar = Sidecar(tmp_path, {k: v for k, v in env.items() if v != ""})
+    def start(env: dict[str, str] | None = None, **settings: str) -> Sidecar:
+        """`env` adds other environment variables (NO_PROXY, PYTHON*)."""
+        variables = {"SIDECAR_IMDS_URL": simulator.imds_url, "SIDECAR_VM_NAME": "web-1"}
+        variables.update({f"SIDECAR_{key.upper()}": value for key, value in settings.items()})
+        variables.update(env or {})
+        sidecar = Sidecar(tmp_path, {k: v for k, v in variables.items() if v != ""})
         started.append(sidecar)
         return sidecar
 

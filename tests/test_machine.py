@@ -288,3 +288,31 @@ def test_never_approves_twice_nor_what_is_not_ours(steps: list[tuple[str, Any]])
         ours = [e for e in latest.values() if e.names(ME) and e.event_type in POLICY.event_types]
         if kind == "poll" and state.ready:
             assert state.serving is (not ours)
+
+
+def test_approval_waits_for_the_pools_until_the_deadline() -> None:
+    state = first_sight(event(not_before=NOW + 60)).state  # approve at +30, deadline +55
+    waiting = replace(state, pools_settled=False)
+    assert machine.tick(waiting, NOW + 30, POLICY).actions == ()
+    assert waiting.next_wakeup() == NOW + 55
+    assert machine.tick(waiting, NOW + 55, POLICY).actions == (Approve("e1"),)
+
+    settled = replace(waiting, pools_settled=True)
+    assert settled.next_wakeup() == NOW + 30
+    assert machine.tick(settled, NOW + 31, POLICY).actions == (Approve("e1"),)
+
+
+def test_pools_that_settle_early_do_not_shorten_the_drain() -> None:
+    state = replace(first_sight(event()).state, pools_settled=True)
+    assert machine.tick(state, NOW + 10, POLICY).actions == ()
+
+
+def test_a_drain_that_begins_waits_for_the_pool_action() -> None:
+    with_pools = replace(POLICY, pool_action=True, drain_seconds=0, min_drain_seconds=0)
+    begun = machine.observe(DrainState(), doc(event()), NOW, with_pools)
+    assert begun.actions == (), "approved before the NIC left its pools"
+    assert not begun.state.pools_settled
+    without = machine.observe(
+        DrainState(), doc(event()), NOW, replace(with_pools, pool_action=False)
+    )
+    assert without.actions == (Approve("e1"),)

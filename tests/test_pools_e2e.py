@@ -1,0 +1,346 @@
+"""Backend-pool removal end to end: `sidecar run` with SIDECAR_ARM_ENABLED against the simulator's
+IMDS (tokens included) and ARM (HTTPS), through the real azure-identity and azure-mgmt-network.
+
+The default simulated world: VM web-1 whose NIC web-1-nic has ipconfig1 in pool-http and
+pool-admin (plus a NAT rule, an ASG, tags...) and ipconfig2 in pool-http; decoy NICs of another
+VM and of no VM sit in the same resource group.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import SidecarFactory
+from tests.support import Sidecar, Simulator, wait_for
+from tests.test_drain_e2e import epoch
+
+NIC = "web-1-nic"
+
+
+@pytest.fixture
+def simulator(tmp_path: Path) -> Iterator[Simulator]:
+    """Overrides conftest's: this one also serves ARM, with fast long-running operations."""
+    sim = Simulator(
+        tmp_path, "--arm-port", "0", "--arm-retry-after", "0.2", "--started-seconds", "2"
+    )
+    yield sim
+    sim.close()
+
+
+def arm_settings(simulator: Simulator, **more: str) -> dict[str, str]:
+    assert simulator.arm_url and simulator.ca_file
+    return {
+        "vm_name": "",  # from instance metadata, as in production
+        "arm_enabled": "true",
+        # The dead HTTPS proxy of every child applies to ARM (which honours proxy variables)
+        # except for localhost; IMDS, at 127.0.0.1, must reach us without any proxy.
+        "arm_url": simulator.arm_url.replace("127.0.0.1", "localhost"),
+        "arm_ca_bundle": simulator.ca_file,
+        "min_drain_seconds": "0",
+        **more,
+    }
+
+
+@pytest.fixture
+def start_arm_sidecar(start_sidecar: SidecarFactory, simulator: Simulator) -> SidecarFactory:
+    def start(env: dict[str, str] | None = None, **settings: str) -> Sidecar:
+        return start_sidecar(
+            env={"NO_PROXY": "localhost", **(env or {})}, **arm_settings(simulator, **settings)
+        )
+
+    return start
+
+
+def nic(simulator: Simulator, name: str = NIC) -> dict[str, Any]:
+    document: dict[str, Any] = simulator.control("GET", f"/nics/{name}")
+    return document
+
+
+def pools(simulator: Simulator, name: str = NIC) -> dict[str, list[str]]:
+    """Pool names per IP configuration, in order."""
+    result = {}
+    for config in nic(simulator, name)["properties"]["ipConfigurations"]:
+        members = config["properties"].get("loadBalancerBackendAddressPools", [])
+        result[config["name"]] = [member["id"].rsplit("/", 1)[-1] for member in members]
+    return result
+
+
+ORIGINAL = {"ipconfig1": ["pool-http", "pool-admin"], "ipconfig2": ["pool-http"]}
+EMPTY = {"ipconfig1": [], "ipconfig2": []}
+
+
+def without_pools(document: dict[str, Any]) -> dict[str, Any]:
+    """The NIC minus what a pool change may touch: pools, etags, provisioning state."""
+    copy = json.loads(json.dumps(document))
+    copy.pop("etag", None)
+    copy["properties"].pop("provisioningState", None)
+    for config in copy["properties"]["ipConfigurations"]:
+        config.pop("etag", None)
+        config["properties"].pop("loadBalancerBackendAddressPools", None)
+        config["properties"].pop("provisioningState", None)
+    return copy
+
+
+def pool_status(sidecar: Sidecar) -> dict[str, Any]:
+    status: dict[str, Any] = sidecar.status()["pools"]
+    return status
+
+
+def puts(simulator: Simulator) -> list[dict[str, Any]]:
+    log = simulator.control("GET", "/requests")["log"]
+    return [entry for entry in log if entry["kind"] == "arm-put"]
+
+
+def test_drain_takes_the_nic_out_and_puts_back_exactly_its_pools(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> None:
+    before = {name: nic(simulator, name) for name in (NIC, "other-vm-nic", f"{NIC}-orphan")}
+    sidecar = start_arm_sidecar(drain_seconds="1", log_level="DEBUG")
+    sidecar.wait_probe(200)
+    wait_for(lambda: pool_status(sidecar)["mode"] == "active", "NIC discovery")
+    assert pool_status(sidecar)["nics"] == [before[NIC]["id"]], "picked the wrong NIC"
+
+    event = simulator.add_event(type="Reboot", not_before_in=900)
+    sidecar.wait_probe(503)
+    wait_for(lambda: pools(simulator) == EMPTY, "the NIC to leave every pool")
+    assert without_pools(nic(simulator)) == without_pools(before[NIC]), "touched more than pools"
+
+    approval = wait_for(lambda: simulator.approvals_of(event["EventId"]), "the approval")
+    removal = simulator.control("GET", "/operations")[0]
+    assert removal["status"] == "Succeeded"
+    assert epoch(removal["finished_at"]) <= epoch(approval[0]["at"]), "approved before removal"
+    sidecar.wait_probe(200)
+    assert pools(simulator) == ORIGINAL
+    assert without_pools(nic(simulator)) == without_pools(before[NIC])
+    for decoy in ("other-vm-nic", f"{NIC}-orphan"):
+        assert nic(simulator, decoy) == before[decoy], f"{decoy} was changed"
+    assert pool_status(sidecar)["removed"] == {}
+    assert all(put["status"] == 200 for put in puts(simulator))
+    log = sidecar.process.output()
+    assert "eyJ" not in log, "a token reached the log"  # every JWT opens with "eyJ"
+
+
+def test_pool_filter_leaves_only_the_chosen_pools(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> None:
+    admin = next(
+        pool
+        for pool in nic(simulator)["properties"]["ipConfigurations"][0]["properties"][
+            "loadBalancerBackendAddressPools"
+        ]
+        if pool["id"].endswith("/pool-admin")
+    )["id"]
+    sidecar = start_arm_sidecar(drain_seconds="600", backend_pool_ids=admin.upper())
+    sidecar.wait_probe(200)
+    simulator.add_event(type="Reboot", not_before_in=900)
+    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal")
+    assert pools(simulator) == {"ipconfig1": ["pool-http"], "ipconfig2": ["pool-http"]}
+    assert pool_status(sidecar)["removed"] == {nic(simulator)["id"]: {"ipconfig1": [admin]}}
+
+
+def saved_removals(workdir: Path) -> dict[str, Any]:
+    try:
+        document = json.loads((workdir / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    removed: dict[str, Any] = document.get("pools", {}).get("removed", {})
+    return removed
+
+
+def seen(simulator: Simulator, kind: str) -> bool:
+    """Whether a request of this kind reached the simulator (a hung one has no status yet)."""
+    return any(entry["kind"] == kind for entry in simulator.control("GET", "/requests")["log"])
+
+
+@pytest.mark.parametrize(
+    ("fault", "nic_out_at_kill"),
+    [
+        ({"target": "arm-put", "kind": "hang"}, False),  # recorded, PUT not yet applied
+        ({"target": "arm-operation", "kind": "slow", "seconds": 600}, True),  # PUT applied
+    ],
+    ids=["between state write and PUT", "during the long-running operation"],
+)
+def test_sigkill_mid_removal_ends_with_the_nic_back_in_its_pools(
+    simulator: Simulator,
+    start_arm_sidecar: SidecarFactory,
+    tmp_path: Path,
+    fault: dict[str, Any],
+    nic_out_at_kill: bool,
+) -> None:
+    sidecar = start_arm_sidecar(drain_seconds="600")
+    sidecar.wait_probe(200)
+    simulator.fault(**fault)
+    event = simulator.add_event(type="Reboot", not_before_in=900)
+    wait_for(lambda: saved_removals(tmp_path), "the removal plan in the state file")
+    wait_for(lambda: seen(simulator, fault["target"]), f"a {fault['target']} request")
+    sidecar.process.kill()
+    assert (pools(simulator) == EMPTY) is nic_out_at_kill
+
+    simulator.clear_faults()
+    simulator.control("DELETE", f"/events/{event['EventId']}")
+    sidecar.restart()
+    sidecar.wait_probe(200)
+    assert pools(simulator) == ORIGINAL
+    assert saved_removals(tmp_path) == {}
+    assert "out of backend pools" in sidecar.process.output()
+
+
+def test_sigkill_between_removal_and_approval_keeps_the_nic_out_until_the_drain_ends(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory, tmp_path: Path
+) -> None:
+    sidecar = start_arm_sidecar(drain_seconds="600")
+    sidecar.wait_probe(200)
+    event = simulator.add_event(type="Reboot", not_before_in=900)
+    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal")
+    sidecar.process.kill()
+
+    sidecar.restart()  # the event is still pending: the NIC stays out, the probe down
+    sidecar.wait_phase(event["EventId"], "draining")
+    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal to be confirmed")
+    assert pools(simulator) == EMPTY
+    assert sidecar.probe().status == 503
+
+    simulator.control("DELETE", f"/events/{event['EventId']}")
+    sidecar.wait_probe(200)
+    assert pools(simulator) == ORIGINAL
+
+
+def test_sigkill_during_the_restore_ends_with_the_nic_back(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory, tmp_path: Path
+) -> None:
+    sidecar = start_arm_sidecar(drain_seconds="600")
+    sidecar.wait_probe(200)
+    event = simulator.add_event(type="Reboot", not_before_in=900)
+    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal")
+    simulator.fault(target="arm-put", kind="hang")
+    simulator.control("DELETE", "/requests")
+    simulator.control("DELETE", f"/events/{event['EventId']}")
+    wait_for(lambda: seen(simulator, "arm-put"), "the restore PUT in flight")
+    assert sidecar.probe().status == 503, "served before the first restore attempt ended"
+    sidecar.process.kill()
+
+    simulator.clear_faults()
+    sidecar.restart()
+    sidecar.wait_probe(200)
+    assert pools(simulator) == ORIGINAL
+    assert saved_removals(tmp_path) == {}
+
+
+def test_missing_permission_is_said_once_and_the_drain_goes_on_probe_only(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> None:
+    write = "Microsoft.Network/networkInterfaces/write"
+    simulator.control("PUT", "/permissions", {"deny": [{"action": write}]})
+    sidecar = start_arm_sidecar(drain_seconds="1")
+    sidecar.wait_probe(200)
+    event = simulator.add_event(type="Reboot", not_before_in=900)
+    sidecar.wait_probe(503)
+    wait_for(lambda: simulator.approvals_of(event["EventId"]), "the probe-only drain's approval")
+    sidecar.wait_probe(200)
+    assert pools(simulator) == ORIGINAL
+    log = sidecar.process.output()
+    assert log.count("pool removal off for this drain") == 1, log
+    assert f"grant {write} to this VM's managed identity" in log
+    assert [put["status"] for put in puts(simulator)] == [403]
+
+
+def test_concurrent_change_gets_412_and_is_redone_on_the_fresh_nic(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> None:
+    sidecar = start_arm_sidecar(drain_seconds="600")
+    sidecar.wait_probe(200)
+    simulator.fault(target="arm-put", kind="slow", seconds=3, count=1)
+    simulator.add_event(type="Reboot", not_before_in=900)
+    wait_for(lambda: seen(simulator, "arm-put"), "the first PUT, held for 3 s")
+    extra = ["pool-http", "pool-admin", "pool-extra"]  # someone adds a pool meanwhile
+    simulator.control("PUT", f"/nics/{NIC}/pools", {"ip_configurations": {"ipconfig1": extra}})
+
+    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal")
+    assert [put["status"] for put in puts(simulator)] == [412, 200]
+    assert pools(simulator) == EMPTY
+    recorded = pool_status(sidecar)["removed"][nic(simulator)["id"]]["ipconfig1"]
+    assert [pool.rsplit("/", 1)[-1] for pool in recorded] == extra
+
+
+def test_failed_restore_is_retried_loudly_until_it_succeeds(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> None:
+    join = "Microsoft.Network/loadBalancers/backendAddressPools/join/action"
+    sidecar = start_arm_sidecar(drain_seconds="600")
+    sidecar.wait_probe(200)
+    event = simulator.add_event(type="Reboot", not_before_in=900)
+    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal")
+    simulator.control("PUT", "/permissions", {"deny": [{"action": join}]})
+    simulator.control("DELETE", f"/events/{event['EventId']}")
+
+    sidecar.wait_probe(200)  # outside its pools the VM gets no load-balanced traffic anyway
+    wait_for(lambda: pool_status(sidecar)["restore_attempts"] >= 2, "two failed restores")
+    assert join in pool_status(sidecar)["last_error"]
+    assert pools(simulator) == EMPTY
+    assert "restore attempt 2 failed" in sidecar.process.output()
+
+    simulator.control("DELETE", "/permissions")
+    wait_for(lambda: pools(simulator) == ORIGINAL, "the restore once the role is fixed")
+    wait_for(lambda: pool_status(sidecar)["removed"] == {}, "the record to clear")
+
+
+def test_uniform_scale_set_instance_drains_with_the_probe_only(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> None:
+    vm = simulator.control(
+        "POST", "/vms", {"scale_set": "web-vmss", "instance_id": "3", "orchestration": "Uniform"}
+    )
+    sidecar = start_arm_sidecar(
+        imds_url=f"{simulator.imds_url}/vms/{vm['name']}", drain_seconds="0"
+    )
+    sidecar.wait_probe(200)
+    wait_for(lambda: pool_status(sidecar)["mode"] == "probe-only", "the scale-set verdict")
+    assert "Compute API" in pool_status(sidecar)["note"]
+    event = simulator.add_event(type="Reboot", resources=[vm["name"]], not_before_in=900)
+    wait_for(lambda: simulator.approvals_of(event["EventId"]), "the probe-only approval")
+    assert puts(simulator) == []
+
+
+def test_vm_without_a_nic_in_its_resource_group_says_what_to_set(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> None:
+    simulator.control("POST", "/vms", {"name": "bare-vm", "nic": False})
+    sidecar = start_arm_sidecar(imds_url=f"{simulator.imds_url}/vms/bare-vm")
+    sidecar.wait_probe(200)
+    wait_for(lambda: pool_status(sidecar)["mode"] == "probe-only", "the discovery verdict")
+    assert "set SIDECAR_NIC_ID" in pool_status(sidecar)["note"]
+    assert sidecar.process.output().count("pool removal off") == 1
+
+
+def test_nic_id_setting_skips_discovery(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> None:
+    other = nic(simulator, "other-vm-nic")["id"]
+    sidecar = start_arm_sidecar(nic_id=other, drain_seconds="600")
+    sidecar.wait_probe(200)
+    simulator.add_event(type="Reboot", not_before_in=900)
+    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal")
+    assert pools(simulator, "other-vm-nic") == {"ipconfig1": []}
+    assert pools(simulator) == ORIGINAL
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["off", "on"])
+def test_azure_sdks_load_at_start_up_and_only_when_enabled(
+    start_arm_sidecar: SidecarFactory, enabled: bool
+) -> None:
+    sidecar = start_arm_sidecar(
+        env={"PYTHONPROFILEIMPORTTIME": "1"}, arm_enabled="true" if enabled else "false"
+    )
+    sidecar.wait_probe(200)  # no event has arrived: whatever is imported now came at start-up
+    if enabled:
+        wait_for(lambda: pool_status(sidecar)["mode"] == "active", "NIC discovery")
+    imported = sidecar.process.output()  # -X importtime lines end in "|   module.name"
+    for module in ("azure.identity", "azure.mgmt.network"):
+        line = re.compile(rf"^import time:.*\|\s+{re.escape(module)}$", re.MULTILINE)
+        assert bool(line.search(imported)) is enabled, module
