@@ -7,6 +7,7 @@ apart. The timeline is read from the outside: the probe, /status and the simulat
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 import tempfile
@@ -35,6 +36,8 @@ class Facts:
     phase: str | None = None
     sim_status: str | None = None
     approvals: int = 0
+    pools: int | None = None
+    """Backend-pool memberships of the demo VM's NIC, as (simulated) ARM sees them."""
 
 
 def main() -> int:
@@ -51,14 +54,19 @@ async def run_demo() -> int:
             SimulatorOptions(
                 port=0,
                 vm_name=DEMO_VM,
-                arm=False,
+                arm_port=0,
+                arm_retry_after=0.2,
                 started_seconds=3.0,
                 ca_file=Path(workdir) / "ca.pem",
             )
         )
         urls = await simulator.start()
+        _no_proxy_for_loopback()
         settings = Settings(
             imds_url=urls.imds_url,
+            arm_enabled=True,
+            arm_url=urls.arm_url or "",
+            arm_ca_bundle=urls.ca_file,
             poll_interval=0.5,
             drain_seconds=DRAIN_SECONDS,
             min_drain_seconds=2.0,
@@ -73,6 +81,7 @@ async def run_demo() -> int:
             async with aiohttp.ClientSession(trust_env=False) as http:
                 timeline = Timeline(http, urls.control_url, settings)
                 print(f"simulator: IMDS at {urls.imds_url}, control API at {urls.control_url}")
+                print(f"simulator: ARM at {urls.arm_url} (HTTPS, CA in {urls.ca_file})")
                 print(f"sidecar:   probe at {timeline.probe_url}, VM name from instance metadata")
                 ok = await asyncio.wait_for(timeline.play(), TIME_LIMIT_SECONDS)
         except TimeoutError:
@@ -98,12 +107,11 @@ class Timeline:
         print(f"{time.monotonic() - self.started:6.1f}s  {who:<9} {text}", flush=True)
 
     async def play(self) -> bool:
-        await self._until(lambda facts: facts.probe == 200)
+        before = await self._until(lambda f: f.probe == 200 and bool(f.pools))
         self.say("probe", "200: serving, no maintenance pending")
-        created = await self._control("POST", "/events", {
-            "type": "Reboot", "resources": [DEMO_VM], "not_before_in": NOTICE_SECONDS,
-        })  # fmt: skip
-        self.event_id = created[0]["EventId"]
+        self.say("arm", f"NIC {DEMO_VM}-nic has {before.pools} backend-pool memberships")
+        event = {"type": "Reboot", "resources": [DEMO_VM], "not_before_in": NOTICE_SECONDS}
+        self.event_id = (await self._control("POST", "/events", event))[0]["EventId"]
         self.say("azure", f"schedules a Reboot of {DEMO_VM}, NotBefore in {NOTICE_SECONDS}s")
 
         await self._until(lambda f: f.phase is not None)
@@ -113,6 +121,8 @@ class Timeline:
         await self._until(lambda f: f.probe == 503)
         down_since = time.monotonic()
         self.say("probe", "503: the load balancer stops sending new flows")
+        await self._until(lambda f: f.pools == 0)
+        self.say("sidecar", "takes the NIC out of its backend pools (ARM, If-Match etag)")
         self.say("sidecar", f"drains for {DRAIN_SECONDS:g}s (SIDECAR_DRAIN_SECONDS)")
         await self._until(lambda f: f.approvals > 0)
         self.say("sidecar", "approves the event (POST StartRequests)")
@@ -120,6 +130,8 @@ class Timeline:
         self.say("azure", "starts the event: the VM would reboot now")
         await self._until(lambda f: f.sim_status is None)
         self.say("azure", "the event is done and leaves the document")
+        await self._until(lambda f: f.pools == before.pools)
+        self.say("sidecar", "puts the NIC back in exactly the pools it left")
         facts = await self._until(lambda f: f.probe == 200)
         self.say("probe", "200: back in rotation")
         down = time.monotonic() - down_since
@@ -150,6 +162,9 @@ class Timeline:
                 facts.sim_status = entry["EventStatus"]
         approvals = await self._control("GET", "/approvals")
         facts.approvals = sum(1 for a in approvals if a["event_id"] == self.event_id)
+        for nic in await self._control("GET", "/nics"):
+            if nic["name"] == f"{DEMO_VM}-nic":
+                facts.pools = sum(len(config["pools"]) for config in nic["ip_configurations"])
         return facts
 
     async def _json(self, url: str) -> Any:
@@ -160,6 +175,14 @@ class Timeline:
         async with self.http.request(method, f"{self.control_url}{path}", json=body) as response:
             response.raise_for_status()
             return await response.json()
+
+
+def _no_proxy_for_loopback() -> None:
+    """The ARM client honours proxy variables, as it should in production; the simulated ARM
+    is on loopback, where no proxy can help."""
+    for name in ("NO_PROXY", "no_proxy"):
+        current = os.environ.get(name, "")
+        os.environ[name] = ",".join(filter(None, [current, "127.0.0.1", "localhost"]))
 
 
 def _free_port() -> int:

@@ -23,9 +23,11 @@ def test_demo_runs_one_maintenance_end_to_end() -> None:
         "schedules a Reboot",
         "sees it: draining",
         "503: the load balancer stops sending new flows",
+        "takes the NIC out of its backend pools",
         "approves the event",
         "starts the event",
         "leaves the document",
+        "puts the NIC back in exactly the pools it left",
         "200: back in rotation",
         "1 approval",
     ]
