@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_check_config)
 
     import sidecar.simulator.main as simulator_main
+
+    healthcheck = commands.add_parser(
+        "healthcheck",
+        help="exit 0 if the sidecar configured here answers on /status (container HEALTHCHECK)",
+    )
+    healthcheck.set_defaults(handler=_healthcheck)
 
     simulate = commands.add_parser(
         "simulate", help="serve a simulated IMDS (and ARM) on loopback to rehearse maintenance"
@@ -92,6 +99,24 @@ def _check_config(_: argparse.Namespace) -> int:
     for line in describe_settings(settings):
         print(line)
     return 0
+
+
+def _healthcheck(_: argparse.Namespace) -> int:
+    """Liveness, not readiness: a draining sidecar (probe 503) is healthy and must not be killed."""
+    settings = _settings_or_none()
+    if settings is None:
+        return 1
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
+    connection = http.client.HTTPConnection(host, settings.port, timeout=3)
+    try:
+        connection.request("GET", "/status")
+        status = connection.getresponse().status
+    except OSError as error:
+        print(f"sidecar: healthcheck: {host}:{settings.port}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    return 0 if status == 200 else 1
 
 
 def _demo(_: argparse.Namespace) -> int:

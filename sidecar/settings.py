@@ -57,7 +57,11 @@ class Settings(BaseSettings):
     """The sidecar's whole configuration, built once and passed in, never global."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, case_sensitive=False, frozen=True, extra="forbid"
+        env_prefix=ENV_PREFIX,
+        env_ignore_empty=True,  # compose passes unset ${VAR:-} as "": that means the default
+        case_sensitive=False,
+        frozen=True,
+        extra="forbid",
     )
 
     # --- Instance Metadata Service
@@ -127,10 +131,10 @@ class Settings(BaseSettings):
         json_schema_extra=_group("Drain"),
     )
     min_drain_seconds: float = Field(
-        10.0,
+        15.0,
         ge=0,
         le=3600,
-        description="Least drain worth approving early for (LB probe interval x threshold); "
+        description="Least drain worth an early approval: LB probe interval x (threshold + 1); "
         "capped by SIDECAR_DRAIN_SECONDS.",
         json_schema_extra=_group("Drain"),
     )
@@ -361,13 +365,18 @@ def describe_settings(settings: Settings) -> list[str]:
     lines = []
     for name in Settings.model_fields:
         value = getattr(settings, name)
-        lines.append(f"{env_name(name)}={_render(value)}")
+        lines.append(f"{env_name(name)}={render_value(value)}")
     return lines
 
 
-def _render(value: object) -> str:
+def render_value(value: object) -> str:
+    """A value as it would be written in the environment."""
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
     if isinstance(value, frozenset):
         return ",".join(sorted(str(item) for item in value))
     return str(value)

@@ -61,7 +61,7 @@ def test_check_config_prints_the_effective_settings() -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "SIDECAR_EVENT_TYPES=Freeze,Reboot" in lines
-    assert "SIDECAR_DRAIN_SECONDS=12.0" in lines
+    assert "SIDECAR_DRAIN_SECONDS=12" in lines
     assert "SIDECAR_IMDS_URL=http://169.254.169.254" in lines
     assert "SIDECAR_APPROVE=leader" in lines
 
