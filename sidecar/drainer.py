@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from sidecar import machine
 from sidecar.backoff import Backoff
+from sidecar.connections import count_established
 from sidecar.events import format_time
 from sidecar.imds import Compute, ImdsClient, ImdsError
 from sidecar.machine import Decision, DrainState, Phase, Policy
@@ -102,10 +103,20 @@ class Drainer:
                     next_poll = started + self.settings.poll_interval
                 else:
                     next_poll = time.monotonic() + backoff.next_delay(error.retry_after)
+            await self._count_connections()
             await self._apply(machine.tick(self.state, self.clock(), policy), policy)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._pause_until(next_poll))
             self._wake.clear()
+
+    async def _count_connections(self) -> None:
+        """Only while draining and only when asked: /proc/net/tcp of a busy server is large."""
+        ports = self.settings.app_ports
+        draining = any(t.phase is Phase.DRAINING for t in self.state.events.values())
+        count = await asyncio.to_thread(count_established, ports) if ports and draining else None
+        if count != self.state.connections:
+            self.state = replace(self.state, connections=count)
+            self.metrics.app_connections.set(-1 if count is None else count)
 
     def _pause_until(self, next_poll: float) -> float:
         pause = next_poll - time.monotonic()
@@ -260,6 +271,7 @@ class Drainer:
             "state": "serving" if self.serving else ("draining" if state.ready else "starting"),
             "vm_name": self.vm_name,
             "incarnation": state.incarnation,
+            "app_connections": state.connections,
             "events": [_event_status(t) for t in state.events.values()],
             "approved": {
                 event_id: format_time(moment) for event_id, moment in state.approved.items()

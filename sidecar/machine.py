@@ -79,6 +79,8 @@ class Tracked:
     not_before: float | None = None
     drain_started: float | None = None
     approve_at: float | None = None
+    idle_at: float | None = None
+    """After the minimum drain: approval may come this early once the app has no connections."""
     deadline: float | None = None
     """NotBefore minus the margin: past it, approval no longer waits for the pools."""
     approved_at: float | None = None
@@ -101,6 +103,8 @@ class DrainState:
     incarnation: int | None = None
     pools_settled: bool = True
     """False while the pool action is still taking the NIC out; approval waits for it."""
+    connections: int | None = None
+    """Established connections to the app's ports while draining; None when not counted."""
 
     @property
     def serving(self) -> bool:
@@ -120,12 +124,18 @@ class DrainState:
         return min(moments, default=None)
 
     def first_try_at(self, tracked: Tracked) -> float | None:
-        """When a draining event is due: its approve time, later while the pools lag."""
-        if self.pools_settled or tracked.approve_at is None:
-            return tracked.approve_at
+        """When a draining event is due: its approve time, sooner once the app is idle, later
+        while the pools lag (but not past the deadline)."""
+        due = tracked.approve_at
+        if due is None:
+            return None
+        if self.connections == 0 and tracked.idle_at is not None:
+            due = min(due, tracked.idle_at)
+        if self.pools_settled:
+            return due
         if tracked.deadline is None:
             return None  # waits for the pool action to report back
-        return max(tracked.approve_at, tracked.deadline)
+        return max(due, tracked.deadline)
 
 
 @dataclass(frozen=True)
@@ -200,7 +210,12 @@ def tick(state: DrainState, now: float, policy: Policy) -> Decision:
         retry = tracked.phase is Phase.APPROVING and _reached(tracked.retry_at, now)
         if not (first_try or retry) or event_id in state.approved:
             continue
-        reason = "drain period over" if first_try else f"retry {tracked.attempts + 1}"
+        if not first_try:
+            reason = f"retry {tracked.attempts + 1}"
+        elif _reached(tracked.approve_at, now):
+            reason = "drain period over"
+        else:
+            reason = "no connections left to the app"
         events[event_id] = replace(tracked, phase=Phase.APPROVING, reason=reason, retry_at=None)
         actions.append(Approve(event_id))
         if first_try:
@@ -274,6 +289,7 @@ def _classify(
     approve_at, reason = _approval_time(event, drain_started, policy)
     if approve_at is None:
         return replace(ours, phase=Phase.WAITING, reason=reason)
+    ours = replace(ours, idle_at=drain_started + policy.min_drain_seconds)
     not_before = event.not_before
     if not_before is not None:
         ours = replace(ours, deadline=not_before - policy.deadline_margin_seconds)

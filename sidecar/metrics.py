@@ -36,6 +36,12 @@ class Metrics:
         self.events = Gauge(
             "sidecar_events", "Events in the document, by phase.", ["phase"], registry=self.registry
         )
+        self.app_connections = Gauge(
+            "sidecar_app_connections",
+            "Established connections to SIDECAR_APP_PORTS while draining; -1 when not counted.",
+            registry=self.registry,
+        )
+        self.app_connections.set(-1)
         self.approvals = Counter(
             "sidecar_approvals",
             "Approval POSTs, by outcome.",

@@ -138,6 +138,12 @@ class Settings(BaseSettings):
         "capped by SIDECAR_DRAIN_SECONDS.",
         json_schema_extra=_group("Drain"),
     )
+    app_ports: Annotated[frozenset[int], NoDecode] = Field(
+        frozenset(),
+        description="Comma-separated ports of the app: the drain ends early, after the minimum "
+        "drain, once no connection to them is left. Empty: always drain the full period.",
+        json_schema_extra=_group("Drain"),
+    )
     deadline_margin_seconds: float = Field(
         5.0,
         ge=0,
@@ -255,6 +261,20 @@ class Settings(BaseSettings):
                 raise ValueError(f"unknown event type {', '.join(unknown)}; allowed: {allowed}")
             return frozenset(by_lower[name.lower()] for name in names)
         return value
+
+    @field_validator("app_ports", mode="before")
+    @classmethod
+    def _ports(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        ports = set()
+        for item in (part.strip() for part in value.split(",")):
+            if not item:
+                continue
+            if not item.isdigit() or not 1 <= int(item) <= 65535:
+                raise ValueError(f"not a TCP port: {item!r} (expected numbers 1-65535)")
+            ports.add(int(item))
+        return frozenset(ports)
 
     @field_validator("backend_pool_ids", mode="before")
     @classmethod

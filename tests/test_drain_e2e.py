@@ -7,6 +7,7 @@ IMDS traffic ignores proxy variables.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -189,3 +190,25 @@ def test_sigterm_stops_cleanly_and_saves_state(
     assert time.monotonic() - started < 5
     assert event["EventId"] in saved_drains(tmp_path)
     assert "stopped" in sidecar.process.output()
+
+
+def test_drain_ends_early_once_the_app_has_no_connections(
+    simulator: Simulator, start_sidecar: SidecarFactory
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as app:  # stands for the app's listening port
+        port = app.getsockname()[1]
+        sidecar = start_sidecar(drain_seconds="600", min_drain_seconds="1", app_ports=str(port))
+        sidecar.wait_probe(200)
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = app.accept()
+        event = simulator.add_event(type="Reboot", not_before_in=900)
+        wait_for(lambda: sidecar.status()["app_connections"] == 1, "the open connection counted")
+        sidecar.wait_polls(10)  # 2 s: five times the minimum drain, and still draining
+        assert sidecar.wait_phase(event["EventId"], "draining")
+        assert simulator.approvals() == []
+
+        client.close()
+        served.close()
+        # the drain period is 600 s: an approval within PATIENCE can only be the early one
+        wait_for(lambda: simulator.approvals_of(event["EventId"]), "the early approval")
+    assert "no connections left to the app" in sidecar.process.output()

@@ -316,3 +316,17 @@ def test_a_drain_that_begins_waits_for_the_pool_action() -> None:
         DrainState(), doc(event()), NOW, replace(with_pools, pool_action=False)
     )
     assert without.actions == (Approve("e1"),)
+
+
+def test_idle_app_ends_the_drain_after_the_minimum() -> None:
+    state = first_sight(event()).state  # drain 30 s, minimum 10 s
+    busy = replace(state, connections=3)
+    assert machine.tick(busy, NOW + 29, POLICY).actions == ()
+    idle = replace(state, connections=0)
+    assert idle.next_wakeup() == NOW + 10
+    assert machine.tick(idle, NOW + 9.9, POLICY).actions == (), "idle, but before the minimum"
+    due = machine.tick(idle, NOW + 10, POLICY)
+    assert due.actions == (Approve("e1"),)
+    assert due.changes[0].reason == "no connections left to the app"
+    uncounted = replace(state, connections=None)
+    assert machine.tick(uncounted, NOW + 10, POLICY).actions == ()
