@@ -79,6 +79,7 @@ class Drainer:
         self._wake = asyncio.Event()
         self._serving_logged: bool | None = None
         self._skipped_logged: tuple[str, ...] = ()
+        self._fields_logged: frozenset[str] = frozenset()
         self._publish()
 
     @property
@@ -170,6 +171,11 @@ class Drainer:
             for problem in document.skipped:
                 log.warning("skipped an unreadable event: %s", problem)
             self._skipped_logged = document.skipped
+        if new_fields := document.unknown_fields - self._fields_logged:
+            log.info(
+                "ignoring fields this version does not know: %s", ", ".join(sorted(new_fields))
+            )
+            self._fields_logged |= new_fields
         self.polls = PollHealth(
             last_attempt=self.polls.last_attempt,
             last_success=self.clock(),

@@ -63,10 +63,16 @@ class EventsDocument(BaseModel):
     events: tuple[ScheduledEvent, ...]
     skipped: tuple[str, ...] = ()
     """Why entries were dropped; non-empty means absence from `events` proves nothing."""
+    unknown_fields: frozenset[str] = frozenset()
+    """Fields this version does not know (a newer api-version?): ignored, worth a log line."""
 
     @property
     def complete(self) -> bool:
         return not self.skipped
+
+
+DOCUMENT_FIELDS = frozenset({"DocumentIncarnation", "Events"})
+EVENT_FIELDS = frozenset(field.alias for field in ScheduledEvent.model_fields.values())
 
 
 def parse_not_before(text: str) -> float | None:
@@ -101,12 +107,20 @@ def parse_document(payload: Any) -> EventsDocument:
         raise MalformedDocument("Events is missing or not a list")
     events: list[ScheduledEvent] = []
     skipped: list[str] = []
+    unknown = {str(key) for key in payload if key not in DOCUMENT_FIELDS}
     for index, entry in enumerate(entries):
         try:
             events.append(ScheduledEvent.model_validate(entry))
         except ValidationError as error:
             skipped.append(f"Events[{index}]: {_first_problem(error)}")
-    return EventsDocument(incarnation=incarnation, events=tuple(events), skipped=tuple(skipped))
+        if isinstance(entry, dict):
+            unknown.update(f"Events[].{key}" for key in entry if key not in EVENT_FIELDS)
+    return EventsDocument(
+        incarnation=incarnation,
+        events=tuple(events),
+        skipped=tuple(skipped),
+        unknown_fields=frozenset(unknown),
+    )
 
 
 def _first_problem(error: ValidationError) -> str:

@@ -63,7 +63,9 @@ def test_events_not_for_us_leave_the_probe_healthy_and_unapproved(
     ids = {
         simulator.add_event(type="Freeze", resources=["web-1"])["EventId"],
         simulator.add_event(type="Reboot", resources=["web-2", "web-3"])["EventId"],
-        simulator.add_event(type="Hibernate", resources=["web-1"])["EventId"],
+        simulator.add_event(type="Hibernate", resources=["web-1"], extra={"Surprise": 1})[
+            "EventId"
+        ],
     }
 
     def all_ignored() -> bool:
@@ -80,6 +82,7 @@ def test_events_not_for_us_leave_the_probe_healthy_and_unapproved(
     assert "not us" in reasons["Reboot"]
     log = sidecar.process.output()
     assert "Hibernate" in log and "ignored" in log
+    assert "ignoring fields this version does not know: Events[].Surprise" in log
 
 
 def test_freeze_drains_when_opted_in(simulator: Simulator, start_sidecar: SidecarFactory) -> None:
