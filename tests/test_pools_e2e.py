@@ -344,3 +344,31 @@ def test_azure_sdks_load_at_start_up_and_only_when_enabled(
     for module in ("azure.identity", "azure.mgmt.network"):
         line = re.compile(rf"^import time:.*\|\s+{re.escape(module)}$", re.MULTILINE)
         assert bool(line.search(imported)) is enabled, module
+
+
+def test_arm_server_errors_are_retried_with_back_off(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> None:
+    sidecar = start_arm_sidecar(drain_seconds="600")
+    sidecar.wait_probe(200)
+    simulator.fault(target="arm-put", kind="status", status=503, count=4)
+    simulator.add_event(type="Reboot", not_before_in=900)
+    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal despite four 503s")
+    statuses = [put["status"] for put in puts(simulator)]
+    assert statuses == [503, 503, 503, 503, 200]
+    assert pools(simulator) == EMPTY
+
+
+def test_user_assigned_identity_is_asked_for_by_client_id(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> None:
+    client_id = "0b8c9f6e-5d4a-4e3b-9a21-7c6d5e4f3a2b"
+    sidecar = start_arm_sidecar(managed_identity_client_id=client_id)
+    sidecar.wait_probe(200)
+    wait_for(lambda: pool_status(sidecar)["mode"] == "active", "NIC discovery")
+    tokens = [
+        entry["path"]
+        for entry in simulator.control("GET", "/requests")["log"]
+        if entry["kind"] == "token"
+    ]
+    assert tokens and all(f"client_id={client_id}" in path for path in tokens), tokens
