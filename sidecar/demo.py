@@ -20,7 +20,8 @@ import aiohttp
 
 from sidecar import app, logs
 from sidecar.settings import Settings
-from sidecar.simulator import Simulator, SimulatorOptions
+from sidecar.simulator.options import SimulatorOptions
+from sidecar.simulator.server import Simulator
 
 DEMO_VM = "demo-vm"
 TIME_LIMIT_SECONDS = 55.0

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from sidecar.simulator import Simulator, SimulatorOptions, SimulatorUrls
+from sidecar.simulator.endpoints import SimulatorUrls
+from sidecar.simulator.options import SimulatorOptions
+from sidecar.simulator.server import Simulator
 
 SE_VERSION = "2020-07-01"
 INSTANCE_VERSION = "2021-02-01"

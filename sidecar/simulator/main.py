@@ -2,6 +2,9 @@
 
 Invariant: this module only maps flags to ``SimulatorOptions``, prints where things are, and
 serves until SIGINT or SIGTERM, then stops cleanly and exits 0; all behaviour lives elsewhere.
+Importing it loads only the options: the main CLI builds its parser (this module included) for
+every command, and `sidecar run` must not carry the simulator, its TLS and `cryptography`
+(about 9 MiB of RSS and 0.1 s of start-up).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sidecar.simulator.endpoints import SimulatorUrls
 from sidecar.simulator.options import DEFAULT_SUBSCRIPTION, ScheduleSpec, SimulatorOptions
-from sidecar.simulator.server import Simulator
+
+if TYPE_CHECKING:
+    from sidecar.simulator.endpoints import SimulatorUrls
 
 
 def _schedule(text: str) -> ScheduleSpec:
@@ -133,6 +138,8 @@ def describe(urls: SimulatorUrls, options: SimulatorOptions) -> list[str]:
 
 async def serve(options: SimulatorOptions) -> int:
     """Run until SIGINT/SIGTERM."""
+    from sidecar.simulator.server import Simulator
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
