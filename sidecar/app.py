@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from sidecar.app_health import AppHealth
 from sidecar.drainer import Drainer
 from sidecar.imds import ImdsClient, new_session
 from sidecar.metrics import Metrics
@@ -46,6 +47,15 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     tasks: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {"drain-loop": drainer.run}
     if settings.arm_enabled:
         tasks["pool-action"] = _pool_action(settings, document, metrics, drainer)
+    if settings.app_health_url:
+        drainer.app = AppHealth(
+            settings.app_health_url,
+            interval=settings.app_health_interval,
+            timeout=settings.app_health_timeout,
+            metrics=metrics,
+            on_change=drainer.wake,
+        )
+        tasks["app-health"] = drainer.app.run
     runner = web.AppRunner(
         make_app(drainer, settings.health_path),
         access_log=None,

@@ -28,6 +28,15 @@ from sidecar.store import StateDocument, drain_section, restore_drain
 log = logging.getLogger(__name__)
 
 
+class AppGate(Protocol):
+    """What the probe needs of the app's health check."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class PoolGate(Protocol):
     """What the drain loop needs of the pool action (kept apart so Azure stays unimported)."""
 
@@ -62,6 +71,7 @@ class Drainer:
         metrics: Metrics,
         *,
         pools: PoolGate | None = None,
+        app: AppGate | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -74,20 +84,33 @@ class Drainer:
         self.compute: Compute | None = None
         self.vm_name: str | None = settings.vm_name
         self.pools = pools
+        self.app = app
         self.identified = asyncio.Event()
         """Set once `vm_name` (and `compute`, when it is needed) are known."""
         self._wake = asyncio.Event()
-        self._serving_logged: bool | None = None
+        self._verdict_logged: str | None = None
         self._skipped_logged: tuple[str, ...] = ()
         self._fields_logged: frozenset[str] = frozenset()
         self._publish()
 
+    def verdict(self) -> str:
+        """What the load-balancer probe says, and why: one word or two, in the probe's body."""
+        if not self.state.ready:
+            return "starting"  # no poll has succeeded yet
+        if not self.state.serving:
+            return "draining"
+        if self.app is not None and not self.app.healthy:
+            return "app unhealthy"
+        if self.pools is not None and self.pools.holds_probe:
+            return "restoring pools"  # put back, then serve
+        return "serving"
+
     @property
     def serving(self) -> bool:
-        return self.state.serving and not (self.pools is not None and self.pools.holds_probe)
+        return self.verdict() == "serving"
 
     def wake(self) -> None:
-        """Re-decide now: the pool action finished something the approval may wait for."""
+        """Re-decide now: the pool action or the app check changed something."""
         self._wake.set()
 
     async def run(self) -> None:
@@ -254,27 +277,21 @@ class Drainer:
             )
 
     def _publish(self) -> None:
-        """Mirrors the state into metrics and logs each flip of the probe once."""
-        serving = self.serving
+        """Mirrors the state into metrics, and logs each change of the probe's answer once."""
+        verdict = self.verdict()
+        serving = verdict == "serving"
         self.metrics.serving.set(1 if serving else 0)
         for phase in Phase:
             count = sum(1 for t in self.state.events.values() if t.phase is phase)
             self.metrics.events.labels(phase.value).set(count)
-        if serving != self._serving_logged:
-            if serving:
-                log.info("probe: 200 serving")
-            elif not self.state.ready:
-                log.info("probe: 503 not ready: no poll has succeeded yet")
-            elif self.state.serving:
-                log.info("probe: 503 until the NIC is back in its backend pools")
-            else:
-                log.info("probe: 503 draining")
-            self._serving_logged = serving
+        if verdict != self._verdict_logged:
+            log.info("probe: %d %s", 200 if serving else 503, verdict)
+            self._verdict_logged = verdict
 
     def status(self) -> dict[str, Any]:
         state = self.state
         return {
-            "state": "serving" if self.serving else ("draining" if state.ready else "starting"),
+            "state": self.verdict(),
             "vm_name": self.vm_name,
             "incarnation": state.incarnation,
             "app_connections": state.connections,
@@ -290,6 +307,7 @@ class Drainer:
                 "successful_polls": self.polls.successes,
             },
             "pools": self.pools.status() if self.pools is not None else None,
+            "app": self.app.status() if self.app is not None else None,
         }
 
 

@@ -42,6 +42,12 @@ class Metrics:
             registry=self.registry,
         )
         self.app_connections.set(-1)
+        self.app_healthy = Gauge(
+            "sidecar_app_healthy",
+            "1 while SIDECAR_APP_HEALTH_URL answers 2xx, 0 otherwise (1 when not configured).",
+            registry=self.registry,
+        )
+        self.app_healthy.set(1)
         self.approvals = Counter(
             "sidecar_approvals",
             "Approval POSTs, by outcome.",

@@ -18,10 +18,8 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 async def probe(request: web.Request) -> web.Response:
-    drainer = request.app[DRAINER]
-    if drainer.serving:
-        return web.Response(text="serving\n")
-    return web.Response(status=503, text="draining\n" if drainer.state.ready else "starting\n")
+    verdict = request.app[DRAINER].verdict()
+    return web.Response(status=200 if verdict == "serving" else 503, text=f"{verdict}\n")
 
 
 async def status(request: web.Request) -> web.Response:

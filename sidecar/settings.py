@@ -84,9 +84,10 @@ class Settings(BaseSettings):
     )
     poll_interval: float = Field(
         1.0,
-        ge=0.2,
+        ge=0.25,
         le=60,
-        description="Seconds between polls; Microsoft recommends 1, IMDS allows 5 requests/s.",
+        description="Seconds between polls; Microsoft recommends 1. IMDS allows 5 requests/s per "
+        "VM, approvals and tokens included, hence at least 0.25.",
         json_schema_extra=_group("IMDS"),
     )
     imds_timeout: float = Field(
@@ -142,6 +143,26 @@ class Settings(BaseSettings):
         frozenset(),
         description="Comma-separated ports of the app: the drain ends early, after the minimum "
         "drain, once no connection to them is left. Empty: always drain the full period.",
+        json_schema_extra=_group("Drain"),
+    )
+    app_health_url: str | None = Field(
+        None,
+        description="The app's own health endpoint (e.g. http://127.0.0.1:80/healthz): the "
+        "probe serves only while it answers 2xx. Empty: the app is not checked.",
+        json_schema_extra=_group("Drain"),
+    )
+    app_health_interval: float = Field(
+        2.0,
+        ge=0.25,
+        le=60,
+        description="Seconds between checks of SIDECAR_APP_HEALTH_URL.",
+        json_schema_extra=_group("Drain"),
+    )
+    app_health_timeout: float = Field(
+        1.0,
+        gt=0,
+        le=30,
+        description="Timeout of one check of SIDECAR_APP_HEALTH_URL.",
         json_schema_extra=_group("Drain"),
     )
     deadline_margin_seconds: float = Field(
@@ -239,13 +260,19 @@ class Settings(BaseSettings):
 
     @field_validator("imds_url", "arm_url", "arm_audience")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL")
-        if parts.query or parts.fragment:
-            raise ValueError("must not carry a query or fragment")
+    def _base_url(cls, value: str) -> str:
+        """Paths are appended to these, so a trailing slash goes and a query is refused."""
+        _check_http_url(value)
+        if urlsplit(value).query:
+            raise ValueError("must not carry a query")
         return value.rstrip("/")
+
+    @field_validator("app_health_url")
+    @classmethod
+    def _app_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_http_url(value)
+        return value
 
     @field_validator("event_types", mode="before")
     @classmethod
@@ -324,6 +351,14 @@ class Settings(BaseSettings):
         if value in RESERVED_PATHS:
             raise ValueError(f"must not be one of {', '.join(RESERVED_PATHS)}")
         return value
+
+
+def _check_http_url(value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    if parts.fragment:
+        raise ValueError("must not carry a fragment")
 
 
 class ConfigError(Exception):

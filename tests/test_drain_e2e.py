@@ -102,7 +102,7 @@ def test_not_the_leader_drains_but_does_not_approve(
     waiting = sidecar.wait_phase(event["EventId"], "waiting")
     assert "web-0 is the leader" in waiting["reason"]
     assert sidecar.probe().status == 503
-    sidecar.wait_polls(10)  # 2 s, four drain periods: an approval would have been sent by now
+    sidecar.wait_polls(10)  # 2.5 s, five drain periods: an approval would have been sent by now
     assert simulator.approvals() == []
 
     simulator.control("POST", f"/events/{event['EventId']}/start")  # the leader approved it
@@ -206,7 +206,7 @@ def test_drain_ends_early_once_the_app_has_no_connections(
         served, _ = app.accept()
         event = simulator.add_event(type="Reboot", not_before_in=900)
         wait_for(lambda: sidecar.status()["app_connections"] == 1, "the open connection counted")
-        sidecar.wait_polls(10)  # 2 s: five times the minimum drain, and still draining
+        sidecar.wait_polls(10)  # 2.5 s: over twice the minimum drain, and still draining
         assert sidecar.wait_phase(event["EventId"], "draining")
         assert simulator.approvals() == []
 

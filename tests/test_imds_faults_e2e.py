@@ -83,7 +83,7 @@ def test_probe_is_down_until_the_first_successful_poll(
 
 
 def test_429_backs_off(simulator: Simulator, start_sidecar: SidecarFactory) -> None:
-    sidecar = start_sidecar(poll_interval="0.2", backoff_max="5")
+    sidecar = start_sidecar(poll_interval="0.25", backoff_max="5")
     sidecar.wait_probe(200)
     simulator.control("DELETE", "/requests")
     simulator.fault(target="scheduledevents", kind="status", status=429, count=6, retry_after=1)
@@ -96,7 +96,7 @@ def test_429_backs_off(simulator: Simulator, start_sidecar: SidecarFactory) -> N
         if entry["kind"] == "scheduledevents"
     ]
     assert [entry["status"] for entry in polls[:7]] == [429] * 6 + [200]
-    # At 0.2 s polling, seven requests take 1.2 s; honouring `Retry-After: 1` takes 6 s or more.
+    # At 0.25 s polling, seven requests take 1.5 s; honouring `Retry-After: 1` takes 6 s or more.
     spread = polls[6]["t"] - polls[0]["t"]
     assert spread >= 5.9, f"retried too fast: {spread:.2f}s for six 429s"
     assert sidecar.probe().status == 200

@@ -120,7 +120,10 @@ def test_compose_defaults_match_the_settings() -> None:
     compose = (ROOT / "docker-compose.yml").read_text()
     found = dict(re.findall(r"^\s+(SIDECAR_\w+): \$\{\1:-([^}]*)\}$", compose, re.MULTILINE))
     assert len(found) >= 15, "the compose file should offer every everyday setting"
-    example_app = {"SIDECAR_APP_PORTS": "80"}  # tied to the example's nginx, not a default
+    example_app = {  # tied to the example's nginx, not defaults
+        "SIDECAR_APP_PORTS": "80",
+        "SIDECAR_APP_HEALTH_URL": "http://127.0.0.1:80/",
+    }
     for variable, default in found.items():
         field = variable.removeprefix("SIDECAR_").lower()
         assert field in Settings.model_fields, f"{variable} is not a setting"
