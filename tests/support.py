@@ -11,20 +11,15 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
-T = TypeVar("T")
-
-# Generous: these bound waits for things that happen in milliseconds on a quiet machine.
-PATIENCE = 30.0
+from benchmarks.lab import PATIENCE, free_port, wait_for  # one harness for tests and benches
 
 # A proxy that does not exist: if the sidecar ever honoured proxy variables, every request fails.
 DEAD_PROXY = "http://127.0.0.1:9"
@@ -32,27 +27,6 @@ PROXY_ENV = {
     name: DEAD_PROXY
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy")
 }
-
-
-def wait_for(
-    probe: Callable[[], T | None], what: str, timeout: float = PATIENCE, every: float = 0.02
-) -> T:
-    """Polls `probe` until it returns something truthy; fails the test with `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(every)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -183,7 +157,7 @@ class Sidecar:
             "SIDECAR_HOST": "127.0.0.1",
             "SIDECAR_PORT": str(self.port),
             "SIDECAR_STATE_FILE": str(workdir / "state.json"),
-            "SIDECAR_POLL_INTERVAL": "0.2",
+            "SIDECAR_POLL_INTERVAL": "0.25",
             **settings,
         }
         self.workdir = workdir

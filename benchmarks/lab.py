@@ -1,0 +1,657 @@
+"""The bench's equipment: the simulator, sidecars, stand-in web apps and HAProxy as processes.
+
+Everything binds 127.0.0.1 and is spoken to over loopback; HTTP goes through `http.client`, which
+never consults proxy variables. Every process started here is killed by its owner's `close()`
+(callers use `contextlib.ExitStack`), so an interrupted benchmark leaves nothing behind.
+Timestamps are `time.monotonic()` (CLOCK_MONOTONIC, shared by every process on the machine) unless
+a name says `wall`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+PATIENCE = 30.0
+"""Bounds waits for things that take milliseconds on a quiet machine: generous on purpose."""
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+# --- small utilities
+
+
+def wait_for(
+    probe: Callable[[], T | None], what: str, timeout: float = PATIENCE, every: float = 0.02
+) -> T:
+    """Polls `probe` until it returns something truthy; raises TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(every)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wall_time(iso: str) -> float:
+    """The simulator's ISO 8601 timestamps as Unix time."""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def fetch(url: str, method: str = "GET", body: Any = None, timeout: float = 10.0) -> Answer:
+    """One request on a fresh connection (control API, /status)."""
+    host, port, path = _split(url)
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    payload = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} if payload is not None else {}
+    try:
+        connection.request(method, path, body=payload, headers=headers)
+        response = connection.getresponse()
+        return Answer(response.status, response.read())
+    finally:
+        connection.close()
+
+
+def _split(url: str) -> tuple[str, int, str]:
+    rest = url.removeprefix("http://")
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.partition(":")
+    return host, int(port or 80), "/" + path
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (no interpolation): the value a q% tail actually contains."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def distribution(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "count": len(values),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else math.nan,
+        "mean": sum(values) / len(values) if values else math.nan,
+    }
+
+
+def cpus_available() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def pin(command: list[str], cpu: int | None) -> list[str]:
+    """Prefixes `taskset -c CPU` (taskset execs, so the pid stays the command's own)."""
+    if cpu is None or shutil.which("taskset") is None:
+        return command
+    return ["taskset", "-c", str(cpu), *command]
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(cpus_available()),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "haproxy": _version(["haproxy", "-v"]),
+        "wrk": _version(["wrk", "--version"]),
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def _version(command: list[str]) -> str | None:
+    if shutil.which(command[0]) is None:
+        return None
+    result = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+    text = (result.stdout or result.stderr).strip().splitlines()
+    return text[0] if text else None
+
+
+def write_results(name: str, data: dict[str, Any]) -> Path:
+    """Writes `benchmarks/results/<name>.json` atomically (a half-written file is never read)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A plain fixed-width table (it also reads as Markdown)."""
+    cells = [[str(h) for h in headers], *[[_cell(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for index, row in enumerate(cells):
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        if index == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+# --- processes
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment minus SIDECAR_* settings and proxies; loopback never goes via a proxy."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.upper().startswith("SIDECAR_") and key.upper() not in PROXY_VARIABLES
+    }
+    return {**env, "NO_PROXY": "localhost,127.0.0.1", "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+class Child:
+    """A process whose output goes to a log file (read it when something goes wrong)."""
+
+    def __init__(self, command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.command = command
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = log.open("ab")
+        self.started = time.monotonic()
+        self.popen = subprocess.Popen(
+            command,
+            env=env if env is not None else child_env(),
+            stdout=self._handle,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self, tail: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-tail:]
+
+    def kill(self) -> None:
+        """SIGKILL: a power cut, as far as this process can tell."""
+        if self.alive():
+            self.popen.kill()
+        self.popen.wait(PATIENCE)
+
+    def terminate(self, timeout: float = PATIENCE) -> int | None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def close(self) -> None:
+        self.kill()
+        self._handle.close()
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+class Simulator:
+    """`sidecar simulate` with a client for its control API."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *args: str,
+        cpu: int | None = None,
+        name: str = "simulator",
+    ) -> None:
+        ready = workdir / f"{name}-ready.json"
+        ready.unlink(missing_ok=True)
+        self.child = Child(
+            pin(
+                python_module(
+                    "sidecar", "simulate", "--port", "0", "--ready-file", str(ready), *args
+                ),
+                cpu,
+            ),
+            workdir / f"{name}.log",
+        )
+        try:
+            urls = wait_for(lambda: self._ready(ready), "the simulator's ready file")
+        except BaseException:
+            self.child.close()
+            raise
+        self.imds_url: str = urls["imds_url"]
+        self.control_url: str = urls["control_url"]
+        self.arm_url: str | None = urls.get("arm_url")
+        self.ca_file: str | None = urls.get("ca_file")
+
+    def _ready(self, path: Path) -> dict[str, Any] | None:
+        if not self.child.alive():
+            raise RuntimeError(f"the simulator exited:\n{self.child.output()}")
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            loaded: dict[str, Any] = json.loads(path.read_text())
+            return loaded
+        return None
+
+    def view(self, vm: str) -> str:
+        """VM `vm`'s IMDS base URL."""
+        return f"{self.imds_url}/vms/{vm}"
+
+    def control(self, method: str, path: str, body: Any = None) -> Any:
+        answer = fetch(f"{self.control_url}{path}", method, body)
+        if answer.status >= 300:
+            raise RuntimeError(f"{method} /control{path}: {answer.status} {answer.body!r}")
+        return answer.json() if answer.body else None
+
+    def add_event(self, **fields: Any) -> dict[str, Any]:
+        created: list[dict[str, Any]] = self.control("POST", "/events", fields)
+        return created[0]
+
+    def cancel_event(self, event_id: str) -> None:
+        with contextlib.suppress(RuntimeError):  # already gone: the platform retired it
+            self.control("DELETE", f"/events/{event_id}")
+
+    def approvals_of(self, event_id: str) -> list[dict[str, Any]]:
+        approvals: list[dict[str, Any]] = self.control("GET", "/approvals")
+        return [a for a in approvals if a["event_id"] == event_id]
+
+    def close(self) -> None:
+        self.child.terminate(5)
+        self.child.close()
+
+
+class Sidecar:
+    """`sidecar run`, configured only through SIDECAR_* variables; restartable like after a
+    reboot (same port, same state file)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        settings: dict[str, str],
+        *,
+        cpu: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.port = free_port()
+        self.workdir = workdir
+        self.cpu = cpu
+        self.env = env or {}
+        self.settings = {
+            "SIDECAR_HOST": "127.0.0.1",
+            "SIDECAR_PORT": str(self.port),
+            "SIDECAR_STATE_FILE": str(workdir / f"{name}-state.json"),
+            **settings,
+        }
+        self.child = self._start()
+
+    def _start(self) -> Child:
+        return Child(
+            pin(python_module("sidecar", "run"), self.cpu),
+            self.workdir / f"{self.name}-sidecar.log",
+            child_env({**self.env, **self.settings}),
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def probe_code(self, timeout: float = 2.0) -> int | None:
+        """The probe's status, or None while nothing listens."""
+        with contextlib.suppress(OSError):
+            return fetch(f"{self.url}/health", timeout=timeout).status
+        return None
+
+    def status(self) -> dict[str, Any]:
+        body: dict[str, Any] = fetch(f"{self.url}/status").json()
+        return body
+
+    def wait_probe(self, code: int, timeout: float = PATIENCE) -> None:
+        def reached() -> bool:
+            if not self.child.alive():
+                raise RuntimeError(f"sidecar {self.name} exited:\n{self.child.output()}")
+            return self.probe_code() == code
+
+        wait_for(reached, f"sidecar {self.name}'s probe to answer {code}", timeout)
+
+    def kill(self) -> None:
+        self.child.close()
+
+    def restart(self) -> None:
+        self.child.close()
+        self.child = self._start()
+
+    def close(self) -> None:
+        self.child.close()
+
+
+class WebApp:
+    """The stand-in for the user's web app (benchmarks/webapp.py); restartable on its port."""
+
+    def __init__(self, workdir: Path, name: str, *, cpu: int | None = None) -> None:
+        self.name = name
+        self.port = free_port()
+        self.workdir = workdir
+        self.cpu = cpu
+        self.child = self.start()
+
+    def start(self) -> Child:
+        child = Child(
+            pin(
+                python_module("benchmarks.webapp", "--port", str(self.port), "--name", self.name),
+                self.cpu,
+            ),
+            self.workdir / f"{self.name}-app.log",
+        )
+        self.child = child
+        return child
+
+    def wait_listening(self, timeout: float = PATIENCE) -> None:
+        def up() -> bool:
+            if not self.child.alive():
+                raise RuntimeError(f"app {self.name} exited:\n{self.child.output()}")
+            return listening(self.port)
+
+        wait_for(up, f"app {self.name} on port {self.port}", timeout, every=0.01)
+
+    def kill(self) -> None:
+        self.child.close()
+
+    def close(self) -> None:
+        self.child.close()
+
+
+# --- HAProxy
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One HAProxy server: traffic goes to `port`, health checks to `check_port`/`check_path`."""
+
+    name: str
+    port: int
+    check_port: int
+    check_path: str = "/health"
+
+
+@dataclass(frozen=True)
+class CheckPolicy:
+    """Like an Azure LB probe: interval, and consecutive results to go down / come back."""
+
+    inter_ms: int = 1000
+    fall: int = 2
+    rise: int = 2
+
+
+def haproxy_available() -> bool:
+    return shutil.which("haproxy") is not None
+
+
+def haproxy_config(
+    frontend_port: int,
+    backends: Sequence[Backend],
+    checks: CheckPolicy,
+    runtime_dir: Path,
+) -> str:
+    """Layer 4, like the Azure Load Balancer: each TCP connection is one flow, balanced once;
+    a failed connection to a backend is not retried for the client (`retries 0`, no redispatch);
+    flows established before a backend goes down continue (HAProxy's default)."""
+    servers = "\n".join(
+        f"    server {b.name} 127.0.0.1:{b.port} check port {b.check_port}"
+        f" inter {checks.inter_ms} fall {checks.fall} rise {checks.rise}"
+        for b in backends
+    )
+    paths = {b.check_path for b in backends}
+    if len(paths) != 1:
+        raise ValueError("one check path per backend section")
+    return f"""# written by benchmarks/lab.py; no user/group/daemon: it runs as our child
+global
+    maxconn 1000
+    stats socket {runtime_dir}/stats.sock mode 600 level admin
+    pidfile {runtime_dir}/haproxy.pid
+
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout check 1s
+    retries 0
+
+frontend vip
+    bind 127.0.0.1:{frontend_port}
+    default_backend web
+
+backend web
+    balance roundrobin
+    option httpchk GET {paths.pop()}
+    http-check expect status 200
+{servers}
+"""
+
+
+class HAProxy:
+    """HAProxy in the foreground (`-db`) with its stats socket in a short temporary directory
+    (a Unix socket path must stay under 108 bytes, which pytest's tmp_path may not)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        backends: Sequence[Backend],
+        checks: CheckPolicy = CheckPolicy(),
+        *,
+        cpu: int | None = None,
+    ) -> None:
+        self.runtime = Path(tempfile.mkdtemp(prefix="hap-"))
+        self.port = free_port()
+        self.backends = list(backends)
+        config = workdir / "haproxy.cfg"
+        config.write_text(haproxy_config(self.port, backends, checks, self.runtime))
+        self.child = Child(pin(["haproxy", "-db", "-f", str(config)], cpu), workdir / "haproxy.log")
+        try:
+            wait_for(self._socket_up, "HAProxy's stats socket", every=0.02)
+        except BaseException:
+            self.close()
+            raise
+
+    def _socket_up(self) -> bool:
+        if not self.child.alive():
+            raise RuntimeError(f"haproxy exited:\n{self.child.output()}")
+        return (self.runtime / "stats.sock").exists() and listening(self.port)
+
+    def command(self, line: str) -> str:
+        """One runtime API command over the stats socket."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.runtime / "stats.sock"))
+            sock.sendall(line.encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def server_status(self) -> dict[str, str]:
+        """Server name -> `UP`, `DOWN`, `MAINT`, `UP 1/2` (going down), `DOWN 1/2` (coming up)."""
+        lines = self.command("show stat").splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        name, kind, status = header.index("svname"), header.index("pxname"), header.index("status")
+        result = {}
+        for line in lines[1:]:
+            fields = line.split(",")
+            if (
+                len(fields) > status
+                and fields[kind] == "web"
+                and fields[name]
+                not in (
+                    "BACKEND",
+                    "FRONTEND",
+                )
+            ):
+                result[fields[name]] = fields[status]
+        return result
+
+    def wait_all_up(self, timeout: float = PATIENCE) -> None:
+        wait_for(
+            lambda: all(s == "UP" for s in self.server_status().values()),
+            f"every HAProxy server UP (log:\n{self.child.output()})",
+            timeout,
+        )
+
+    def close(self) -> None:
+        self.child.terminate(5)
+        self.child.close()
+        shutil.rmtree(self.runtime, ignore_errors=True)
+
+
+def in_rotation(status: str) -> bool:
+    """HAProxy sends new connections to UP servers (`UP 1/2` is still up, failing checks)."""
+    return status.startswith("UP")
+
+
+class StatusWatcher:
+    """Samples one HAProxy server's status every `every` seconds in a thread; keeps the changes."""
+
+    def __init__(self, haproxy: HAProxy, server: str, every: float = 0.02) -> None:
+        self.haproxy = haproxy
+        self.server = server
+        self.every = every
+        self.changes: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"watch-{server}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last = None
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError):
+                status = self.haproxy.server_status().get(self.server, "?")
+                if status != last:
+                    with self._changed:
+                        self.changes.append((time.monotonic(), status))
+                        self._changed.notify_all()
+                    last = status
+            self._stop.wait(self.every)
+
+    def current(self) -> str | None:
+        return self.changes[-1][1] if self.changes else None
+
+    def out_since(self, moment: float) -> float | None:
+        """When the server first left rotation at or after `moment`."""
+        return next((t for t, s in self.changes if t >= moment and not in_rotation(s)), None)
+
+    def back_since(self, moment: float) -> float | None:
+        """When the server was next in rotation at or after `moment`."""
+        return next((t for t, s in self.changes if t >= moment and in_rotation(s)), None)
+
+    def wait(self, predicate: Callable[[], T | None], what: str, timeout: float = PATIENCE) -> T:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not (result := predicate()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+                self._changed.wait(remaining)
+            return result
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+# --- /proc readings
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def pss_bytes(pid: int) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (fields 14 and 15 of /proc/PID/stat)."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+MIB = 1024 * 1024

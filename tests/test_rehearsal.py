@@ -1,0 +1,65 @@
+"""The promise, rehearsed: users' traffic through a real load balancer while web-1 reboots.
+
+HAProxy (layer 4, like the Azure Load Balancer: no retry of a failed connection for the client)
+in front of two stand-in web apps, each with its own `sidecar run` and simulator view; a
+closed-loop client sends traffic through it; a Reboot for web-1 is approved, web-1 is killed and
+comes back. With the sidecar no request may fail; without it (HAProxy probing the app, web-1
+killed at the same moment) requests must fail, or the rehearsal would prove nothing.
+
+The full rehearsal with numbers is `python -m benchmarks.rehearsal` (see BENCHMARKS.md). This
+test asserts only what does not depend on the machine's speed: every wait is event-driven, and
+the drain (5 s) is several times what HAProxy needs to take web-1 out (one poll of 0.5 s plus
+two failed probes 1 s apart). Skips when haproxy is missing, unless CI_REQUIRE_ALL=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from benchmarks.lab import haproxy_available
+from benchmarks.rehearsal import SCENARIOS, Plan, run_scenario
+
+PLAN = Plan(
+    rate=200.0,
+    warmup=1.0,
+    reboot_seconds=2.0,
+    tail=1.0,
+    poll_interval=0.5,
+    drain_seconds=5.0,
+    min_drain_seconds=3.0,
+)
+
+
+def require_haproxy() -> None:
+    if haproxy_available():
+        return
+    reason = "haproxy is not installed (Debian: apt-get install -y haproxy)"
+    if os.environ.get("CI_REQUIRE_ALL") == "1":
+        pytest.fail(f"{reason}, and CI_REQUIRE_ALL=1 forbids skipping")
+    pytest.skip(reason)
+
+
+def test_reboot_behind_haproxy_fails_no_request_with_the_sidecar_and_some_without(
+    tmp_path: Path,
+) -> None:
+    require_haproxy()
+    outcome = run_scenario(tmp_path, SCENARIOS["reboot"], PLAN)
+    with_sidecar, without = outcome["with_sidecar"], outcome["without_sidecar"]
+    summary = {
+        name: {key: run[key] for key in ("requests", "failed", "failures_by_error", "timeline_s")}
+        for name, run in (("with sidecar", with_sidecar), ("without", without))
+    }
+    shown = json.dumps(summary, indent=1)
+
+    assert with_sidecar["requests"] > 0 and without["requests"] > 0, shown
+    assert with_sidecar["failed"] == 0, f"users saw the maintenance:\n{shown}"
+    assert with_sidecar["approvals"] == 1, shown
+    assert with_sidecar["out_of_rotation_before_kill_s"] > 0, f"web-1 still in rotation:\n{shown}"
+    assert with_sidecar["served_by_target_after_back"] > 0, f"web-1 never served again:\n{shown}"
+
+    assert without["failed"] > 0, f"the baseline lost nothing: the rehearsal is blind\n{shown}"
+    assert without["served_by_target_after_back"] > 0, shown
