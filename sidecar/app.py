@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_SECONDS = 3.0
 
 
+class CannotListen(Exception):
+    """The probe's address is taken or not ours: a configuration problem, said in one line."""
+
+
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serves until `stop` is set (or SIGTERM/SIGINT arrives when `stop` is not given)."""
     stop = stop or _stop_on_signals()
@@ -64,7 +68,13 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, settings.host, settings.port).start()
+        try:
+            await web.TCPSite(runner, settings.host, settings.port).start()
+        except OSError as error:
+            raise CannotListen(
+                f"SIDECAR_HOST={settings.host} SIDECAR_PORT={settings.port}: cannot listen: "
+                f"{error.strerror or error}"
+            ) from None
         log.info(
             "probe on http://%s:%d%s, polling %s every %gs",
             settings.host,

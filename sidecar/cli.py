@@ -86,7 +86,7 @@ def _run(_: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(app.run(settings))
-    except StateFileError as error:
+    except (StateFileError, app.CannotListen) as error:
         print(f"sidecar: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     return 0

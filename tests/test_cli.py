@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,14 @@ def test_vm_name_comes_from_instance_metadata(
     sidecar.wait_probe(200)
     assert sidecar.status()["vm_name"] == "web-1"
     assert "compute.name" in sidecar.process.output()
+
+
+def test_probe_port_in_use_stops_start_up(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = sidecar_cli(
+            "run", host="127.0.0.1", port=str(port), state_file=str(tmp_path / "state.json")
+        )
+    assert result.returncode == 2
+    assert f"SIDECAR_HOST=127.0.0.1 SIDECAR_PORT={port}: cannot listen" in result.stderr
+    assert "Traceback" not in result.stderr
