@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.simulator_helpers import FakeClock, RunningSimulator, quick_options
 from tests.support import Sidecar, Simulator
 
 
@@ -37,3 +38,16 @@ def start_sidecar(tmp_path: Path, simulator: Simulator) -> Iterator[SidecarFacto
     yield start
     for sidecar in started:
         sidecar.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """The in-process simulator's clock, moved by hand in the simulator's own tests."""
+    return FakeClock()
+
+
+@pytest.fixture
+def sim(clock: FakeClock) -> Iterator[RunningSimulator]:
+    """An in-process simulator (IMDS and control API, no ARM) on a hand-driven clock."""
+    with RunningSimulator(quick_options(arm=False), clock=clock) as running:
+        yield running

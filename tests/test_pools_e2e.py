@@ -153,6 +153,17 @@ def saved_removals(workdir: Path) -> dict[str, Any]:
     return removed
 
 
+def drain_with_the_nic_out(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> tuple[Sidecar, dict[str, Any]]:
+    """A sidecar in a long drain for a Reboot, its NIC already out of its pools."""
+    sidecar = start_arm_sidecar(drain_seconds="600")
+    sidecar.wait_probe(200)
+    event = simulator.add_event(type="Reboot", not_before_in=900)
+    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal")
+    return sidecar, event
+
+
 def seen(simulator: Simulator, kind: str) -> bool:
     """Whether a request of this kind reached the simulator (a hung one has no status yet)."""
     return any(entry["kind"] == kind for entry in simulator.control("GET", "/requests")["log"])
@@ -194,10 +205,7 @@ def test_sigkill_mid_removal_ends_with_the_nic_back_in_its_pools(
 def test_sigkill_between_removal_and_approval_keeps_the_nic_out_until_the_drain_ends(
     simulator: Simulator, start_arm_sidecar: SidecarFactory, tmp_path: Path
 ) -> None:
-    sidecar = start_arm_sidecar(drain_seconds="600")
-    sidecar.wait_probe(200)
-    event = simulator.add_event(type="Reboot", not_before_in=900)
-    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal")
+    sidecar, event = drain_with_the_nic_out(simulator, start_arm_sidecar)
     sidecar.process.kill()
 
     sidecar.restart()  # the event is still pending: the NIC stays out, the probe down
@@ -214,10 +222,7 @@ def test_sigkill_between_removal_and_approval_keeps_the_nic_out_until_the_drain_
 def test_sigkill_during_the_restore_ends_with_the_nic_back(
     simulator: Simulator, start_arm_sidecar: SidecarFactory, tmp_path: Path
 ) -> None:
-    sidecar = start_arm_sidecar(drain_seconds="600")
-    sidecar.wait_probe(200)
-    event = simulator.add_event(type="Reboot", not_before_in=900)
-    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal")
+    sidecar, event = drain_with_the_nic_out(simulator, start_arm_sidecar)
     simulator.fault(target="arm-put", kind="hang")
     simulator.control("DELETE", "/requests")
     simulator.control("DELETE", f"/events/{event['EventId']}")
@@ -272,10 +277,7 @@ def test_failed_restore_is_retried_loudly_until_it_succeeds(
     simulator: Simulator, start_arm_sidecar: SidecarFactory
 ) -> None:
     join = "Microsoft.Network/loadBalancers/backendAddressPools/join/action"
-    sidecar = start_arm_sidecar(drain_seconds="600")
-    sidecar.wait_probe(200)
-    event = simulator.add_event(type="Reboot", not_before_in=900)
-    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal")
+    sidecar, event = drain_with_the_nic_out(simulator, start_arm_sidecar)
     simulator.control("PUT", "/permissions", {"deny": [{"action": join}]})
     simulator.control("DELETE", f"/events/{event['EventId']}")
 

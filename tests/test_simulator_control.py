@@ -7,7 +7,6 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,23 +15,11 @@ from tests.simulator_helpers import (
     FakeClock,
     Reply,
     RunningSimulator,
-    quick_options,
     wait_for,
 )
 
 SE_PATH = f"/metadata/scheduledevents?api-version={SE_VERSION}"
 RG_ID = "/subscriptions/11111111-2222-4333-8444-555555555555/resourceGroups/RG-SIM"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def sim(clock: FakeClock) -> Iterator[RunningSimulator]:
-    with RunningSimulator(quick_options(arm=False), clock=clock) as running:
-        yield running
 
 
 def test_index_describes_the_api(sim: RunningSimulator) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import email.utils
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -22,17 +21,6 @@ from tests.simulator_helpers import (
 SE_PATH = f"/metadata/scheduledevents?api-version={SE_VERSION}"
 COMPUTE_PATH = f"/metadata/instance/compute?api-version={INSTANCE_VERSION}"
 SUB = "11111111-2222-4333-8444-555555555555"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def sim(clock: FakeClock) -> Iterator[RunningSimulator]:
-    with RunningSimulator(quick_options(arm=False), clock=clock) as running:
-        yield running
 
 
 # Request hygiene ---------------------------------------------------------------------------
