@@ -153,17 +153,14 @@ class ArmNetwork:
             }
             return {name: pools for name, pools in missing.items() if pools}
 
-        async def nothing_to_record(_: PoolsByIpConfig) -> None:
-            return None
-
-        return await self._update(nic, plan, with_pools, nothing_to_record, JOIN_PERMISSION)
+        return await self._update(nic, plan, with_pools, None, JOIN_PERMISSION)
 
     async def _update(
         self,
         nic: NicRef,
         plan: Callable[[NetworkInterface], PoolsByIpConfig],
         apply: Callable[[NetworkInterface, PoolsByIpConfig], None],
-        before_write: Callable[[PoolsByIpConfig], Awaitable[None]],
+        before_write: Callable[[PoolsByIpConfig], Awaitable[None]] | None,
         permission: str,
     ) -> PoolsByIpConfig:
         """Read, plan, persist, write with If-Match; a 412 starts over from a fresh read."""
@@ -175,7 +172,8 @@ class ArmNetwork:
             change = plan(current)
             if not change:
                 return {}
-            await before_write(change)
+            if before_write is not None:
+                await before_write(change)
             apply(current, change)
             try:
                 await self._call(self._put(nic, current), permission)

@@ -219,7 +219,7 @@ class Drainer:
         state = decision.state
         if self.pools is not None and state.ready:
             # the probe has flipped (it reads the state); now the pools follow, in the background
-            self.pools.want(any(t.holds_probe_down for t in state.events.values()))
+            self.pools.want(state.draining)
             state = replace(state, pools_settled=self.pools.settled)
         self.state = state
         for change in decision.changes:

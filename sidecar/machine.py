@@ -107,8 +107,13 @@ class DrainState:
     """Established connections to the app's ports while draining; None when not counted."""
 
     @property
+    def draining(self) -> bool:
+        """Some event of ours holds the probe down (whether or not we approve it)."""
+        return _draining(self.events)
+
+    @property
     def serving(self) -> bool:
-        return self.ready and not _draining(self.events)
+        return self.ready and not self.draining
 
     def next_wakeup(self) -> float | None:
         """The next moment `tick` has something to do, if any."""
