@@ -1,31 +1,43 @@
-"""The `sidecar` command: run, simulate, demo, check-config.
+"""The `sidecar` command: run, simulate, demo, check-config, healthcheck.
 
 Exit codes: 0 success (including a clean SIGTERM), 2 configuration refused, 1 anything else.
 Configuration errors are printed as one line per problem, never as a traceback.
+
+Invariant: building the parser imports nothing but the standard library; each command imports
+what it uses when it runs. `sidecar healthcheck` runs every few seconds in a container and
+`--version` in scripts: they must not pay for pydantic, aiohttp or the simulator.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import http.client
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from sidecar import __version__
-from sidecar.settings import ConfigError, Settings, describe_settings, load_settings
+
+if TYPE_CHECKING:
+    from sidecar.settings import Settings
 
 EXIT_CONFIG = 2
+SIMULATE = "simulate"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == [SIMULATE]:  # the simulator parses its own flags
+        from sidecar.simulator import main as simulator
+
+        return simulator.main(args[1:], prog=f"sidecar {SIMULATE}")
     parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
+    parsed = parser.parse_args(args)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(parsed, "handler", None)
+    if handler is None:
         parser.print_help()
         return EXIT_CONFIG
-    code: int = args.handler(args)
-    return code
+    return handler(parsed)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,37 +49,32 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the sidecar (probe server and drain loop)")
-    run.set_defaults(handler=_run)
-
-    check = commands.add_parser(
-        "check-config", help="validate SIDECAR_* settings and print the effective values"
+    commands.add_parser("run", help="run the sidecar (probe server and drain loop)").set_defaults(
+        handler=_run
     )
-    check.set_defaults(handler=_check_config)
-
-    import sidecar.simulator.main as simulator_main
-
-    healthcheck = commands.add_parser(
+    commands.add_parser(
+        "check-config", help="validate SIDECAR_* settings and print the effective values"
+    ).set_defaults(handler=_check_config)
+    commands.add_parser(
         "healthcheck",
         help="exit 0 if the sidecar configured here answers on /status (container HEALTHCHECK)",
+    ).set_defaults(handler=_healthcheck)
+    commands.add_parser(
+        SIMULATE,
+        help="serve a simulated IMDS (and ARM) on loopback to rehearse maintenance "
+        f"(`sidecar {SIMULATE} --help` for its flags)",
+        add_help=False,
     )
-    healthcheck.set_defaults(handler=_healthcheck)
-
-    simulate = commands.add_parser(
-        "simulate", help="serve a simulated IMDS (and ARM) on loopback to rehearse maintenance"
-    )
-    simulator_main.configure_parser(simulate)
-    simulate.set_defaults(handler=simulator_main.run)
-
-    demo = commands.add_parser(
+    commands.add_parser(
         "demo", help="run the simulator and the sidecar together through one maintenance"
-    )
-    demo.set_defaults(handler=_demo)
+    ).set_defaults(handler=_demo)
     return parser
 
 
 def _settings_or_none() -> Settings | None:
     """Prints every configuration problem, one line each, instead of a traceback."""
+    from sidecar.settings import ConfigError, load_settings
+
     try:
         return load_settings()
     except ConfigError as error:
@@ -77,6 +84,8 @@ def _settings_or_none() -> Settings | None:
 
 
 def _run(_: argparse.Namespace) -> int:
+    import asyncio
+
     from sidecar import app, logs
     from sidecar.store import StateFileError
 
@@ -93,6 +102,8 @@ def _run(_: argparse.Namespace) -> int:
 
 
 def _check_config(_: argparse.Namespace) -> int:
+    from sidecar.settings import describe_settings
+
     settings = _settings_or_none()
     if settings is None:
         return EXIT_CONFIG
@@ -102,17 +113,26 @@ def _check_config(_: argparse.Namespace) -> int:
 
 
 def _healthcheck(_: argparse.Namespace) -> int:
-    """Liveness, not readiness: a draining sidecar (probe 503) is healthy and must not be killed."""
-    settings = _settings_or_none()
-    if settings is None:
+    """Liveness, not readiness: a draining sidecar (probe 503) is healthy and must not be killed.
+
+    Reads SIDECAR_HOST and SIDECAR_PORT itself: validating every setting costs pydantic's import
+    (a tenth of a second of CPU), every ten seconds, for the life of the container.
+    """
+    import http.client
+
+    port_text = os.environ.get("SIDECAR_PORT") or "8080"
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        print(f"sidecar: healthcheck: SIDECAR_PORT={port_text!r} is not a port", file=sys.stderr)
         return 1
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
-    connection = http.client.HTTPConnection(host, settings.port, timeout=3)
+    host = os.environ.get("SIDECAR_HOST") or "0.0.0.0"  # noqa: S104 - the default we reach
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - a wildcard bind is reached on loopback
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
+    connection = http.client.HTTPConnection(host, int(port_text), timeout=3)
     try:
         connection.request("GET", "/status")
         status = connection.getresponse().status
     except OSError as error:
-        print(f"sidecar: healthcheck: {host}:{settings.port}: {error}", file=sys.stderr)
+        print(f"sidecar: healthcheck: {host}:{port_text}: {error}", file=sys.stderr)
         return 1
     finally:
         connection.close()
