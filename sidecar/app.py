@@ -1,17 +1,20 @@
 """`sidecar run`: wires the pieces together and owns their lifecycle.
 
-Start-up: state file checked, Azure SDKs imported if pool removal is on (now, not when the first
-event arrives), probe server listening (503 until the first poll), then the drain loop and the
-pool action. Shutdown on SIGTERM/SIGINT: the tasks are cancelled, the state written, the probe
-server closed last; all within a few seconds, exit code 0.
+Start-up: descriptor limit raised, state file checked (a newer version's file stops start-up),
+Azure SDKs imported if pool removal is on (now, not when the first event arrives), probe server
+listening (503 until the first poll), then the background tasks under supervision: the drain
+loop and each gate's own task. A task that fails is restarted; the probe server never depends on
+one. Shutdown on SIGTERM/SIGINT: the tasks are cancelled, the state written, the probe server
+closed last; all within a few seconds, exit code 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
-from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -20,9 +23,10 @@ from sidecar.app_health import AppHealth
 from sidecar.drainer import Drainer
 from sidecar.imds import ImdsClient, new_session
 from sidecar.metrics import Metrics
-from sidecar.server import make_app
+from sidecar.server import IDLE_SECONDS, MAX_CONNECTIONS, CappedSite, make_app
 from sidecar.settings import Settings
 from sidecar.store import StateDocument, StateStore
+from sidecar.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,8 @@ class CannotListen(Exception):
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serves until `stop` is set (or SIGTERM/SIGINT arrives when `stop` is not given)."""
     stop = stop or _stop_on_signals()
+    _raise_descriptor_limit()
+    asyncio.get_running_loop().set_exception_handler(_log_loop_error)
     store = StateStore(settings.state_file)
     store.check_writable()
     document = StateDocument(store)
@@ -47,29 +53,38 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         api_version=settings.api_version,
         instance_api_version=settings.instance_api_version,
     )
-    drainer = Drainer(settings, imds, document, metrics)
-    tasks: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {"drain-loop": drainer.run}
-    if settings.arm_enabled:
-        tasks["pool-action"] = _pool_action(settings, document, metrics, drainer)
+    drainer = Drainer(settings, imds, document, metrics, boot_id=read_boot_id(settings))
+    supervisor = Supervisor(metrics)
     if settings.app_health_url:
-        drainer.app = AppHealth(
+        app_health = AppHealth(
             settings.app_health_url,
             interval=settings.app_health_interval,
             timeout=settings.app_health_timeout,
             metrics=metrics,
             on_change=drainer.wake,
         )
-        tasks["app-health"] = drainer.app.run
+        drainer.add_gate(app_health)
+        supervisor.start("app-health", app_health.run)
+    if settings.arm_enabled:
+        _start_pool_action(settings, document, metrics, drainer, supervisor)
     runner = web.AppRunner(
-        make_app(drainer, settings.health_path),
+        make_app(drainer, supervisor, settings.health_path),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
+        keepalive_timeout=IDLE_SECONDS,
     )
     await runner.setup()
     try:
+        site = CappedSite(
+            runner,
+            settings.host,
+            settings.port,
+            limit=MAX_CONNECTIONS,
+            on_shed=metrics.probe_connections_shed.inc,
+        )
         try:
-            await web.TCPSite(runner, settings.host, settings.port).start()
+            await site.start()
         except OSError as error:
             raise CannotListen(
                 f"SIDECAR_HOST={settings.host} SIDECAR_PORT={settings.port}: cannot listen: "
@@ -83,23 +98,29 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             settings.imds_url,
             settings.poll_interval,
         )
-        await _until_stopped_or_crashed(tasks, stop)
+        supervisor.start("drain-loop", drainer.run)
+        await stop.wait()
     finally:
+        await supervisor.stop()
         await drainer.close()
         await session.close()
         await runner.cleanup()
         log.info("stopped")
 
 
-def _pool_action(
-    settings: Settings, document: StateDocument, metrics: Metrics, drainer: Drainer
-) -> Callable[[], Coroutine[Any, Any, None]]:
+def _start_pool_action(
+    settings: Settings,
+    document: StateDocument,
+    metrics: Metrics,
+    drainer: Drainer,
+    supervisor: Supervisor,
+) -> None:
     """Imports the Azure SDKs now, at start-up: a Preempt leaves 30 s, not time to import."""
     from sidecar.arm import ArmNetwork, NicRef
     from sidecar.pools import PoolAction
 
     pools = PoolAction(settings, document, metrics, on_change=drainer.wake)
-    drainer.pools = pools
+    drainer.add_gate(pools)
 
     async def run() -> None:
         await drainer.identified.wait()
@@ -117,24 +138,40 @@ def _pool_action(
         finally:
             await network.close()
 
-    return run
+    supervisor.start("pool-action", run)
 
 
-async def _until_stopped_or_crashed(
-    loops: dict[str, Callable[[], Coroutine[Any, Any, None]]], stop: asyncio.Event
-) -> None:
-    """Runs the loops until `stop`; a loop that crashes stops the others and re-raises."""
-    tasks = [asyncio.create_task(loop(), name=name) for name, loop in loops.items()]
-    stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+def read_boot_id(settings: Settings) -> str | None:
+    """This boot's id; without it a reboot cannot be recognised (return-after=impact waits)."""
     try:
-        await asyncio.wait([*tasks, stopping], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (*tasks, stopping):
-            task.cancel()
-        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-    for outcome in outcomes:
-        if isinstance(outcome, Exception):
-            raise outcome
+        return Path(settings.boot_id_file).read_text().strip() or None
+    except OSError as error:
+        log.warning(
+            "cannot read the boot id from SIDECAR_BOOT_ID_FILE=%s: %s",
+            settings.boot_id_file,
+            error.strerror or error,
+        )
+        return None
+
+
+def _raise_descriptor_limit() -> None:
+    """The soft limit (often 1,024) up to the hard one: a connection storm on the probe port
+    must hit the cap on connections, not the descriptor limit (state-file writes need one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as error:
+        log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, error)
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's own errors (accept() out of descriptors, ...) as one rate-limited line each."""
+    error = context.get("exception")
+    detail = f": {type(error).__name__}: {error}" if error is not None else ""
+    log.error("event loop: %s%s", context.get("message", "error"), detail)
 
 
 def _stop_on_signals() -> asyncio.Event:

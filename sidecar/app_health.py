@@ -19,12 +19,15 @@ from typing import Any
 import aiohttp
 
 from sidecar.events import format_time
+from sidecar.gates import Approval, Wanted
 from sidecar.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
 class AppHealth:
+    name = "app"
+
     def __init__(
         self,
         url: str,
@@ -81,10 +84,17 @@ class AppHealth:
             self.checked = True
             self.on_change()
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "url": self.url,
-            "healthy": self.healthy,
-            "last_check": format_time(self.last_check),
-            "last_error": self.last_error,
-        }
+    def follow(self, wanted: Wanted) -> None:
+        """The app's health does not depend on the drain."""
+
+    def approval(self) -> Approval:
+        return Approval.OPEN
+
+    def probe_hold(self) -> str | None:
+        return None if self.healthy else "app unhealthy"
+
+    def status(self, *, detailed: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"healthy": self.healthy, "last_check": format_time(self.last_check)}
+        if detailed:
+            body.update(url=self.url, last_error=self.last_error)
+        return body

@@ -1,20 +1,27 @@
 """Azure Resource Manager: this VM's NICs and their backend pools, through the real SDK.
 
-Invariants: a NIC is only ever changed by read-modify-write guarded by its etag (`If-Match`), so
-a concurrent change is never overwritten; only backend-pool references move, every other property
-of the NIC travels back unchanged (the SDK's models keep even fields they do not know); the token
-comes from the same IMDS the sidecar polls, without any proxy; errors come out as `ArmError`,
-marked permanent when retrying cannot help, with the permission to grant when that is the cause.
+Invariants:
+- a NIC is only ever changed by read-modify-write guarded by its etag (`If-Match`), so a
+  concurrent change is never overwritten; only backend-pool references (load balancer and
+  Application Gateway) and our own record tags move, every other property travels back
+  unchanged (the SDK's models keep even fields they do not know);
+- the PUT that removes pools also records them in the NIC's tags, and the PUT that restores
+  them clears that record (`pool_record`);
+- the token comes from the same IMDS the sidecar polls, without any proxy;
+- whatever ARM (or a proxy in front of it) answers, errors come out as `ArmError`: marked
+  permanent when retrying cannot help, with the permission to grant when that is the cause;
+  an answer the SDK cannot make sense of is a transient `ArmError` naming what it was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from azure.core.exceptions import (
     ClientAuthenticationError,
@@ -26,25 +33,29 @@ from azure.identity.aio import ManagedIdentityCredential
 from azure.mgmt.core.tools import parse_resource_id
 from azure.mgmt.network.aio import NetworkManagementClient
 from azure.mgmt.network.models import (
+    ApplicationGatewayBackendAddressPool,
     BackendAddressPool,
     NetworkInterface,
     NetworkInterfaceIPConfigurationPropertiesFormat,
 )
 
+from sidecar import pool_record
 from sidecar.imds import Compute
+from sidecar.pool_record import PoolsByIpConfig
 from sidecar.settings import Settings
 
 T = TypeVar("T")
-PoolsByIpConfig = dict[str, list[str]]
-"""IP configuration name -> backend pool resource ids."""
+log = logging.getLogger(__name__)
 
 READ_PERMISSION = "Microsoft.Network/networkInterfaces/read"
 WRITE_PERMISSION = "Microsoft.Network/networkInterfaces/write"
 JOIN_PERMISSION = "Microsoft.Network/loadBalancers/backendAddressPools/join/action"
+APPGW_JOIN_PERMISSION = "Microsoft.Network/applicationGateways/backendAddressPools/join/action"
 CONFLICT_RETRIES = 5
 """Fresh read-modify-write rounds after a 412 before giving the round back to the caller."""
 PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 409})
-_ACTION_IN_MESSAGE = re.compile(r"perform action '([^']+)'")
+_ACTION_IN_MESSAGE = re.compile(r"perform action(?:\(s\))? '([^']+)'")
+_APPGW_POOL = re.compile(r"/applicationGateways/[^/]+/backendAddressPools/[^/]+$", re.IGNORECASE)
 
 
 class ArmError(Exception):
@@ -72,10 +83,22 @@ class NicRef:
         )
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What the NIC's own tags say was removed and not restored."""
+
+    removed: PoolsByIpConfig
+    unreadable: list[str]
+
+
 def is_uniform_scale_set(compute: Compute) -> bool:
     """Uniform instances have `…/virtualMachineScaleSets/S/virtualMachines/N` ids (Flexible
     instances are plain VMs); their NICs can only be written through the Compute API."""
     return bool(compute.scale_set) and "/virtualmachinescalesets/" in compute.resource_id.lower()
+
+
+def is_appgw_pool(pool_id: str) -> bool:
+    return bool(_APPGW_POOL.search(pool_id))
 
 
 class ArmNetwork:
@@ -124,6 +147,12 @@ class ArmNetwork:
         await self._call(search(), READ_PERMISSION)
         return found
 
+    async def recorded(self, nic: NicRef) -> Recorded:
+        """The removal record in the NIC's tags (left by a sidecar that lost its state)."""
+        current = await self._get(nic)
+        removed, unreadable = pool_record.decode(nic.id, current.tags)
+        return Recorded(removed, unreadable)
+
     async def remove_pools(
         self,
         nic: NicRef,
@@ -132,49 +161,74 @@ class ArmNetwork:
     ) -> PoolsByIpConfig:
         """Takes the NIC out of the chosen pools; `before_write` must persist the plan first."""
 
-        def plan(current: NetworkInterface) -> PoolsByIpConfig:
-            return {
+        def plan(current: NetworkInterface) -> PoolsByIpConfig | None:
+            leaving = {
                 name: [pool for pool in pools if chosen(pool)]
                 for name, pools in pools_by_ip_config(current).items()
                 if any(chosen(pool) for pool in pools)
             }
+            return leaving or None
 
-        return await self._update(nic, plan, without, before_write, WRITE_PERMISSION)
+        def apply(current: NetworkInterface, change: PoolsByIpConfig) -> None:
+            without(current, change)
+            recorded, _ = pool_record.decode(current.id or nic.id, current.tags)
+            _record(current, nic.id, merged(recorded, change))
+
+        return await self._update(nic, plan, apply, before_write, WRITE_PERMISSION)
 
     async def restore_pools(self, nic: NicRef, removed: Mapping[str, list[str]]) -> PoolsByIpConfig:
-        """Puts back what is missing of `removed`; returns what it added."""
+        """Puts back what is missing of `removed` (and of the NIC's own record), clears the
+        record; returns what it added."""
 
-        def plan(current: NetworkInterface) -> PoolsByIpConfig:
+        def plan(current: NetworkInterface) -> PoolsByIpConfig | None:
+            recorded, _ = pool_record.decode(nic.id, current.tags)
             present = pools_by_ip_config(current)
+            wanted = merged(removed, recorded)  # the state file keeps the NIC's own order
             missing = {
                 name: [p for p in pools if p.casefold() not in _folded(present.get(name, []))]
-                for name, pools in removed.items()
+                for name, pools in wanted.items()
                 if name in present
             }
-            return {name: pools for name, pools in missing.items() if pools}
+            missing = {name: pools for name, pools in missing.items() if pools}
+            has_record = any(pool_record.is_ours(tag) for tag in current.tags or {})
+            return missing if missing or has_record else None
 
-        return await self._update(nic, plan, with_pools, None, JOIN_PERMISSION)
+        def apply(current: NetworkInterface, change: PoolsByIpConfig) -> None:
+            with_pools(current, change)
+            _record(current, nic.id, {})
+
+        needed = JOIN_PERMISSION
+        if any(is_appgw_pool(p) for pools in removed.values() for p in pools):
+            needed = APPGW_JOIN_PERMISSION
+        return await self._update(nic, plan, apply, None, needed)
+
+    async def _get(self, nic: NicRef) -> NetworkInterface:
+        operations = self.client.network_interfaces
+        nic_model = await self._call(operations.get(nic.resource_group, nic.name), READ_PERMISSION)
+        if not isinstance(nic_model, NetworkInterface):
+            raise ArmError(
+                f"ARM answered {type(nic_model).__name__} for {nic.name}, not a NIC",
+                permanent=False,
+            )
+        return nic_model
 
     async def _update(
         self,
         nic: NicRef,
-        plan: Callable[[NetworkInterface], PoolsByIpConfig],
+        plan: Callable[[NetworkInterface], PoolsByIpConfig | None],
         apply: Callable[[NetworkInterface, PoolsByIpConfig], None],
         before_write: Callable[[PoolsByIpConfig], Awaitable[None]] | None,
         permission: str,
     ) -> PoolsByIpConfig:
         """Read, plan, persist, write with If-Match; a 412 starts over from a fresh read."""
-        operations = self.client.network_interfaces
         for _ in range(CONFLICT_RETRIES):
-            current = await self._call(
-                operations.get(nic.resource_group, nic.name), READ_PERMISSION
-            )
-            change = plan(current)
-            if not change:
+            current = await self._get(nic)
+            change = self._checked(plan, current)
+            if change is None:
                 return {}
             if before_write is not None:
                 await before_write(change)
-            apply(current, change)
+            self._checked(apply, current, change)
             try:
                 await self._call(self._put(nic, current), permission)
             except _Conflict:
@@ -185,6 +239,17 @@ class ArmNetwork:
             permanent=False,
         )
 
+    @staticmethod
+    def _checked(step: Callable[..., T], *args: Any) -> T:
+        """A NIC whose shape we cannot read (a half-broken answer) is ARM's fault, not a crash."""
+        try:
+            return step(*args)
+        except (AttributeError, TypeError, KeyError, ValueError) as error:
+            raise ArmError(
+                f"the NIC ARM returned cannot be read ({type(error).__name__}: {error})",
+                permanent=False,
+            ) from None
+
     async def _put(self, nic: NicRef, body: NetworkInterface) -> None:
         headers = {"If-Match": body.etag} if body.etag else {}
         poller = await self.client.network_interfaces.begin_create_or_update(
@@ -193,7 +258,7 @@ class ArmNetwork:
         await poller.result()
 
     async def _call(self, call: Awaitable[T], permission: str) -> T:
-        """Bounds a call by SIDECAR_ARM_TIMEOUT and translates the SDK's errors."""
+        """Bounds a call by SIDECAR_ARM_TIMEOUT and translates whatever goes wrong."""
         try:
             async with asyncio.timeout(self.timeout):
                 return await call
@@ -207,6 +272,12 @@ class ArmNetwork:
             raise _translate(error, permission) from None
         except (ServiceRequestError, ServiceResponseError) as error:
             raise ArmError(f"cannot reach ARM: {error.message}", permanent=False) from None
+        except ArmError:
+            raise
+        except Exception as error:  # an answer the SDK cannot parse: a list, a string, garbage
+            raise ArmError(
+                f"unexpected answer ({type(error).__name__}: {error})"[:500], permanent=False
+            ) from None
 
 
 class _Conflict(ArmError):
@@ -215,12 +286,14 @@ class _Conflict(ArmError):
 
 def _translate(error: HttpResponseError, permission: str) -> ArmError:
     status = error.status_code or 0
-    code = error.error.code if error.error else None
-    message = (error.error.message if error.error else None) or error.reason or str(error)
+    detail = error.error
+    code = getattr(detail, "code", None) if detail is not None else None
+    text = getattr(detail, "message", None) if detail is not None else None
+    message = str(text or error.reason or error)[:500]
     if status == 412:
         return _Conflict(f"etag changed: {message}", permanent=False)
-    named = _ACTION_IN_MESSAGE.search(message or "")
-    needed = named.group(1) if named else permission
+    named = _ACTION_IN_MESSAGE.search(message)
+    needed = named.group(1).split(",")[0] if named else permission
     return ArmError(
         f"HTTP {status} {code or ''}: {message}".replace("  ", " "),
         permanent=status in PERMANENT_STATUSES,
@@ -229,31 +302,67 @@ def _translate(error: HttpResponseError, permission: str) -> ArmError:
 
 
 def pools_by_ip_config(nic: NetworkInterface) -> PoolsByIpConfig:
+    """Load-balancer and Application Gateway pool ids, per IP configuration name."""
     props = nic.properties
     result: PoolsByIpConfig = {}
     for config in (props.ip_configurations if props else None) or []:
         config_props = config.properties
-        pools = (config_props.load_balancer_backend_address_pools if config_props else None) or []
-        result[config.name or ""] = [pool.id for pool in pools if pool.id]
+        lb = (config_props.load_balancer_backend_address_pools if config_props else None) or []
+        agw = (
+            config_props.application_gateway_backend_address_pools if config_props else None
+        ) or []
+        result[config.name or ""] = [pool.id for pool in (*lb, *agw) if pool.id]
+    return result
+
+
+def merged(recorded: Mapping[str, list[str]], change: Mapping[str, list[str]]) -> PoolsByIpConfig:
+    """The union of two records, per IP configuration, ids compared case-insensitively."""
+    result = {config: list(pools) for config, pools in recorded.items()}
+    for config, pools in change.items():
+        known = _folded(result.get(config, []))
+        result[config] = [*result.get(config, []), *(p for p in pools if p.casefold() not in known)]
     return result
 
 
 def without(nic: NetworkInterface, change: PoolsByIpConfig) -> None:
     for config, props in _ip_configs(nic, change):
         leaving = _folded(change[config])
-        current = props.load_balancer_backend_address_pools or []
+        lb = props.load_balancer_backend_address_pools or []
         props.load_balancer_backend_address_pools = [
-            pool for pool in current if (pool.id or "").casefold() not in leaving
+            pool for pool in lb if (pool.id or "").casefold() not in leaving
         ]
+        agw = props.application_gateway_backend_address_pools or []
+        if agw:
+            props.application_gateway_backend_address_pools = [
+                pool for pool in agw if (pool.id or "").casefold() not in leaving
+            ]
 
 
 def with_pools(nic: NetworkInterface, change: PoolsByIpConfig) -> None:
     for config, props in _ip_configs(nic, change):
-        current = props.load_balancer_backend_address_pools or []
-        props.load_balancer_backend_address_pools = [
-            *current,
-            *(BackendAddressPool(id=pool) for pool in change[config]),
-        ]
+        lb_pools = [p for p in change[config] if not is_appgw_pool(p)]
+        agw_pools = [p for p in change[config] if is_appgw_pool(p)]
+        if lb_pools:
+            props.load_balancer_backend_address_pools = [
+                *(props.load_balancer_backend_address_pools or []),
+                *(BackendAddressPool(id=pool) for pool in lb_pools),
+            ]
+        if agw_pools:
+            props.application_gateway_backend_address_pools = [
+                *(props.application_gateway_backend_address_pools or []),
+                *(ApplicationGatewayBackendAddressPool(id=pool) for pool in agw_pools),
+            ]
+
+
+def _record(nic: NetworkInterface, nic_id: str, removed: PoolsByIpConfig) -> None:
+    """Replaces our record tags with `removed` (none when empty); others' tags stay."""
+    encoded = pool_record.encode(nic_id, removed)
+    for item in encoded.unrecorded:
+        log.warning("cannot record %s in a NIC tag (too long): only the state file has it", item)
+    tags: dict[str, Any] = pool_record.without_ours(nic.tags)
+    tags.update(encoded.tags)
+    if tags or nic.tags is not None:  # a NIC without tags keeps none
+        nic.tags = tags
 
 
 def _ip_configs(

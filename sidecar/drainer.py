@@ -1,8 +1,10 @@
 """The drain loop: learn who we are, poll Scheduled Events, let the machine decide, act, persist.
 
 Invariants: every wait is bounded by a timeout; a failed poll never changes what the probe says
-(it keeps its last known state) and never stops the loop; an approval is recorded in the state
-file as soon as IMDS accepts it, before anything else happens.
+(it keeps its last known state) and never stops the loop; the gates hear of every decision
+before approvals are weighed; an approval is sent only once the state file records it as being
+sent (a crash then resumes with "outcome unknown", never with a blind second POST), and IMDS's
+answer is recorded as soon as it comes.
 """
 
 from __future__ import annotations
@@ -18,42 +20,35 @@ from typing import Any, Protocol
 from sidecar import machine
 from sidecar.backoff import Backoff
 from sidecar.connections import count_established
-from sidecar.events import format_time
-from sidecar.imds import Compute, ImdsClient, ImdsError
-from sidecar.machine import Decision, DrainState, Phase, Policy
+from sidecar.events import EventsDocument, format_time
+from sidecar.gates import Approval, Gate, Wanted
+from sidecar.imds import Compute, ImdsError
+from sidecar.machine import Decision, DrainState, Now, Phase, Policy
 from sidecar.metrics import Metrics
+from sidecar.records import SECTION, drain_section, restore_drain
 from sidecar.settings import Settings
-from sidecar.store import StateDocument, drain_section, restore_drain
+from sidecar.store import StateDocument
 
 log = logging.getLogger(__name__)
 
 
-class AppGate(Protocol):
-    """What the probe needs of the app's health check."""
-
-    @property
-    def healthy(self) -> bool: ...
-
-    def status(self) -> dict[str, Any]: ...
+def read_clocks() -> Now:
+    return Now(time.monotonic(), time.time())
 
 
-class PoolGate(Protocol):
-    """What the drain loop needs of the pool action (kept apart so Azure stays unimported)."""
+class EventSource(Protocol):
+    """Where the drain loop reads events and sends approvals (IMDS, or the 2016 preview)."""
 
-    def want(self, out: bool) -> None: ...
+    async def scheduled_events(self, timeout: float) -> EventsDocument: ...
 
-    @property
-    def settled(self) -> bool: ...
+    async def approve(self, event_id: str, timeout: float) -> None: ...
 
-    @property
-    def holds_probe(self) -> bool: ...
-
-    def status(self) -> dict[str, Any]: ...
+    async def compute(self, timeout: float) -> Compute: ...
 
 
 @dataclass
 class PollHealth:
-    """How IMDS has been answering, for /status and the logs."""
+    """How IMDS has been answering, for /status and the logs (wall times, for people)."""
 
     last_attempt: float | None = None
     last_success: float | None = None
@@ -66,43 +61,46 @@ class Drainer:
     def __init__(
         self,
         settings: Settings,
-        imds: ImdsClient,
+        imds: EventSource,
         document: StateDocument,
         metrics: Metrics,
         *,
-        pools: PoolGate | None = None,
-        app: AppGate | None = None,
-        clock: Callable[[], float] = time.time,
+        boot_id: str | None = None,
+        clock: Callable[[], Now] = read_clocks,
     ) -> None:
         self.settings = settings
         self.imds = imds
         self.document = document
         self.metrics = metrics
         self.clock = clock
-        self.state: DrainState = restore_drain(document.sections)
+        self.state: DrainState = restore_drain(document.sections, clock(), boot_id)
+        self.gates: list[Gate] = []
         self.polls = PollHealth()
         self.compute: Compute | None = None
         self.vm_name: str | None = settings.vm_name
-        self.pools = pools
-        self.app = app
         self.identified = asyncio.Event()
         """Set once `vm_name` (and `compute`, when it is needed) are known."""
+        self._policy: Policy | None = None
         self._wake = asyncio.Event()
         self._verdict_logged: str | None = None
         self._skipped_logged: tuple[str, ...] = ()
         self._fields_logged: frozenset[str] = frozenset()
         self._publish()
 
+    def add_gate(self, gate: Gate) -> None:
+        """Gates are consulted in the order added: the first probe hold names the verdict."""
+        self.gates.append(gate)
+
     def verdict(self) -> str:
         """What the load-balancer probe says, and why: one word or two, in the probe's body."""
         if not self.state.ready:
             return "starting"  # no poll has succeeded yet
-        if not self.state.serving:
-            return "draining"
-        if self.app is not None and not self.app.healthy:
-            return "app unhealthy"
-        if self.pools is not None and self.pools.holds_probe:
-            return "restoring pools"  # put back, then serve
+        if self.state.draining:
+            return "draining" if self.state.manual is None else "drained by hand"
+        for gate in self.gates:
+            hold = gate.probe_hold()
+            if hold is not None:
+                return hold
         return "serving"
 
     @property
@@ -110,12 +108,13 @@ class Drainer:
         return self.verdict() == "serving"
 
     def wake(self) -> None:
-        """Re-decide now: the pool action or the app check changed something."""
+        """Re-decide now: a gate changed something."""
         self._wake.set()
 
     async def run(self) -> None:
         """Runs until cancelled."""
-        policy = Policy.from_settings(self.settings, await self._resolve_identity())
+        policy = self._policy or Policy.from_settings(self.settings, await self._resolve_identity())
+        self._policy = policy
         backoff = Backoff(self.settings.poll_interval, self.settings.backoff_max)
         next_poll = time.monotonic()
         while True:
@@ -133,6 +132,19 @@ class Drainer:
                 await asyncio.wait_for(self._wake.wait(), self._pause_until(next_poll))
             self._wake.clear()
 
+    async def change_by_hand(self, drain: bool, reason: str) -> None:
+        """`POST /drain` and `/undrain`: the same steps as an event, recorded before answering."""
+        now = self.clock()
+        state = (
+            machine.drain_by_hand(self.state, reason, now)
+            if drain
+            else machine.undrain_by_hand(self.state)
+        )
+        verb = "out of rotation by hand" if drain else "back by hand"
+        log.info("%s: %s", verb, reason)
+        await self._apply(Decision(state), self._policy)
+        self.wake()
+
     async def _count_connections(self) -> None:
         """Only while draining and only when asked: /proc/net/tcp of a busy server is large."""
         ports = self.settings.app_ports
@@ -146,7 +158,7 @@ class Drainer:
         pause = next_poll - time.monotonic()
         wakeup = self.state.next_wakeup()
         if wakeup is not None:
-            pause = min(pause, wakeup - self.clock())
+            pause = min(pause, wakeup - self.clock().mono)
         return max(0.0, pause)
 
     async def _resolve_identity(self) -> str:
@@ -175,7 +187,7 @@ class Drainer:
             if self.polls.last_success is not None
             else self.settings.imds_first_timeout
         )
-        self.polls.last_attempt = self.clock()
+        self.polls.last_attempt = time.time()
         started = time.monotonic()
         try:
             document = await self.imds.scheduled_events(timeout)
@@ -201,7 +213,7 @@ class Drainer:
             self._fields_logged |= new_fields
         self.polls = PollHealth(
             last_attempt=self.polls.last_attempt,
-            last_success=self.clock(),
+            last_success=time.time(),
             successes=self.polls.successes + 1,
         )
         self.metrics.last_success.set(self.polls.last_success or 0)
@@ -215,43 +227,64 @@ class Drainer:
         verdict = "probe keeps its state" if self.state.ready else "probe stays 503"
         log.warning("IMDS failure %d: %s (%s)", self.polls.consecutive_failures, message, verdict)
 
-    async def _apply(self, decision: Decision, policy: Policy) -> None:
-        state = decision.state
-        if self.pools is not None and state.ready:
-            # the probe has flipped (it reads the state); now the pools follow, in the background
-            self.pools.want(state.draining)
-            state = replace(state, pools_settled=self.pools.settled)
-        self.state = state
+    def _follow_gates(self, state: DrainState) -> DrainState:
+        """Tells the gates what this state wants, then reads back what approval waits for."""
+        wanted = Wanted.of(state)
+        waits, blocks = set(), set()
+        for gate in self.gates:
+            gate.follow(wanted)
+            answer = gate.approval()
+            if answer is Approval.WAIT:
+                waits.add(gate.name)
+            elif answer is Approval.BLOCK:
+                blocks.add(gate.name)
+        return replace(state, waits_for=frozenset(waits), blocked_by=frozenset(blocks))
+
+    async def _apply(self, decision: Decision, policy: Policy | None) -> None:
+        self.state = self._follow_gates(decision.state)
         for change in decision.changes:
             self._log_change(change)
         self._publish()
-        await self._persist()
+        recorded = await self._persist()
         for action in decision.actions:
+            if policy is None:
+                continue
+            if not recorded:  # an approval we could not record might be sent twice later
+                error = "not sent: the state file cannot record it (see the log)"
+                failed = machine.approval_failed(
+                    self.state, action.event_id, error, self.clock(), policy, unknown=False
+                )
+                await self._apply(failed, policy)
+                continue
             await self._approve(action.event_id, policy)
 
     async def _approve(self, event_id: str, policy: Policy) -> None:
         try:
             await self.imds.approve(event_id, self.settings.imds_timeout)
         except ImdsError as error:
-            self.metrics.approvals.labels("error").inc()
-            log.warning("approval of %s failed: %s", event_id, error)
+            outcome = "unknown" if error.unanswered else "error"
+            self.metrics.approvals.labels(outcome).inc()
+            then = "re-reading the document before any retry" if error.unanswered else "retrying"
+            log.warning("approval of %s failed: %s (%s)", event_id, error, then)
             decision = machine.approval_failed(
-                self.state, event_id, str(error), self.clock(), policy
+                self.state, event_id, str(error), self.clock(), policy, unknown=error.unanswered
             )
         else:
             self.metrics.approvals.labels("ok").inc()
             decision = machine.approval_succeeded(self.state, event_id, self.clock())
         await self._apply(decision, policy)
 
-    async def _persist(self) -> None:
+    async def _persist(self) -> bool:
+        """Whether the file holds the current state (written now, or unchanged)."""
         try:
-            written = await self.document.write("drain", drain_section(self.state))
+            written = await self.document.write(SECTION, drain_section(self.state, self.clock()))
         except OSError as error:
             self.metrics.state_writes.labels("error").inc()
             log.error("cannot write state file %s: %s", self.document.store.path, error)
-        else:
-            if written:
-                self.metrics.state_writes.labels("ok").inc()
+            return False
+        if written:
+            self.metrics.state_writes.labels("ok").inc()
+        return True
 
     async def close(self) -> None:
         """Writes the final state; called on shutdown, after the loop stopped."""
@@ -266,7 +299,7 @@ class Drainer:
         else:
             extra = ""
             if tracked is not None and change.after is Phase.DRAINING:
-                extra = f" at {format_time(tracked.approve_at)}"
+                extra = f" at {format_time(self._wall(tracked.approve_at))}"
             log.info(
                 "event %s (%s) %s: %s%s",
                 change.event_id,
@@ -288,41 +321,58 @@ class Drainer:
             log.info("probe: %d %s", 200 if serving else 503, verdict)
             self._verdict_logged = verdict
 
-    def status(self) -> dict[str, Any]:
+    def _wall(self, moment: float | None) -> float | None:
+        return None if moment is None else self.clock().wall_of(moment)
+
+    def status(self, *, detailed: bool) -> dict[str, Any]:
+        """/status: identifiers and error texts only when `detailed` (loopback or admin)."""
         state = self.state
-        return {
+        body: dict[str, Any] = {
             "state": self.verdict(),
-            "vm_name": self.vm_name,
             "incarnation": state.incarnation,
             "app_connections": state.connections,
-            "events": [_event_status(t) for t in state.events.values()],
-            "approved": {
-                event_id: format_time(moment) for event_id, moment in state.approved.items()
+            "events": [self._event_status(t, detailed) for t in state.events.values()],
+            "approval_waits_for": sorted(state.waits_for),
+            "approval_blocked_by": sorted(state.blocked_by),
+            "manual": None
+            if state.manual is None
+            else {
+                "since": format_time(state.manual.since_wall),
+                **({"reason": state.manual.reason} if detailed else {}),
             },
             "imds": {
-                "last_attempt": format_time(self.polls.last_attempt),
                 "last_success": format_time(self.polls.last_success),
-                "last_error": self.polls.last_error,
                 "consecutive_failures": self.polls.consecutive_failures,
                 "successful_polls": self.polls.successes,
             },
-            "pools": self.pools.status() if self.pools is not None else None,
-            "app": self.app.status() if self.app is not None else None,
+            "state_file": self.document.store.report.status() if detailed else None,
         }
+        for gate in self.gates:
+            body[gate.name] = gate.status(detailed=detailed)
+        if detailed:
+            body["vm_name"] = self.vm_name
+            body["approved"] = {
+                event_id: format_time(moment) for event_id, moment in state.approved.items()
+            }
+            body["imds"]["last_attempt"] = format_time(self.polls.last_attempt)
+            body["imds"]["last_error"] = self.polls.last_error
+        return body
 
-
-def _event_status(tracked: machine.Tracked) -> dict[str, Any]:
-    return {
-        "id": tracked.event_id,
-        "type": tracked.event_type,
-        "status": tracked.status,
-        "phase": tracked.phase.value,
-        "reason": tracked.reason,
-        "resources": list(tracked.resources),
-        "not_before": format_time(tracked.not_before),
-        "drain_started": format_time(tracked.drain_started),
-        "approve_at": format_time(tracked.approve_at),
-        "approved_at": format_time(tracked.approved_at),
-        "approval_attempts": tracked.attempts,
-        "last_error": tracked.last_error,
-    }
+    def _event_status(self, tracked: machine.Tracked, detailed: bool) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "type": tracked.event_type,
+            "status": tracked.status,
+            "phase": tracked.phase.value,
+            "reason": tracked.reason,
+            "not_before": format_time(tracked.not_before_wall),
+            "drain_started": format_time(self._wall(tracked.drain_started)),
+            "approve_at": format_time(self._wall(tracked.approve_at)),
+            "approved_at": format_time(tracked.approved_wall),
+            "approval_attempts": tracked.attempts,
+            "approval_outcome_unknown": tracked.outcome_unknown,
+        }
+        if detailed:
+            entry = {"id": tracked.event_id, **entry}
+            entry["resources"] = list(tracked.resources)
+            entry["last_error"] = tracked.last_error
+        return entry

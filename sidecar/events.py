@@ -19,6 +19,7 @@ class MalformedDocument(ValueError):
     """The answer is not a Scheduled Events document at all."""
 
 
+SCHEDULED = "Scheduled"
 STARTED = "Started"
 
 

@@ -21,12 +21,20 @@ TRANSIENT_STATUSES = frozenset({404, 410, 429, 500, 502, 503, 504})
 
 class ImdsError(Exception):
     def __init__(
-        self, message: str, *, transient: bool, status: int | None = None, retry_after: float = 0
+        self,
+        message: str,
+        *,
+        transient: bool,
+        status: int | None = None,
+        retry_after: float = 0,
+        unanswered: bool = False,
     ) -> None:
         super().__init__(message)
         self.transient = transient
         self.status = status
         self.retry_after = retry_after
+        self.unanswered = unanswered
+        """The request left and no answer came: IMDS may have acted on it (an approval)."""
 
 
 @dataclass(frozen=True)
@@ -115,9 +123,15 @@ class ImdsClient:
                 if response.status != 200:
                     raise _status_error(what, response.status, text, response.headers)
         except TimeoutError:
-            raise ImdsError(f"{what}: no answer within {timeout:g}s", transient=True) from None
+            raise ImdsError(
+                f"{what}: no answer within {timeout:g}s", transient=True, unanswered=True
+            ) from None
+        except aiohttp.ClientConnectorError as error:  # never connected: nothing was sent
+            raise ImdsError(f"{what}: {error}", transient=True) from None
         except aiohttp.ClientError as error:
-            raise ImdsError(f"{what}: {error or type(error).__name__}", transient=True) from None
+            raise ImdsError(
+                f"{what}: {error or type(error).__name__}", transient=True, unanswered=True
+            ) from None
         if method == "POST":
             return None
         try:

@@ -73,5 +73,17 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.task_failures = Counter(
+            "sidecar_task_failures",
+            "Background tasks that failed and were started again, by task.",
+            ["task"],
+            registry=self.registry,
+        )
+        self.probe_connections_shed = Counter(
+            "sidecar_probe_connections_shed",
+            "Connections to the probe port closed to stay under the cap (oldest first).",
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

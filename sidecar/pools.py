@@ -2,13 +2,16 @@
 exactly what was taken out is put back afterwards.
 
 Invariants:
-- what is about to be removed is in the state file before the PUT that removes it, and leaves it
-  only after the PUT that restores it succeeded: whatever the moment of a crash, the next start
-  puts back everything the file says is out;
+- a removal is never forgotten: what is about to be removed is in the state file before the
+  PUT that removes it, the PUT itself records it in the NIC's tags, and both records leave only
+  with the PUT that restores it; at start-up the NIC's own record is read too, so a lost or
+  damaged state file still puts everything back;
 - nothing is restored before the first successful poll says no drain is due;
-- a failed restore is retried until it succeeds, every attempt logged and shown in /status;
+- approval waits for the removal (gate WAIT), but never past the deadline;
+- whatever an attempt raises, ARM's fault or ours, it is logged with its type, counted, shown in
+  /status and retried with back-off; nothing here can stop the probe or the drain loop;
 - a removal that cannot work (permission, Uniform scale set, no NIC) turns the drain into a
-  probe-only drain, said once in the log; it never holds the approval past the deadline.
+  probe-only drain, said once in the log.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sidecar.arm import ArmError, ArmNetwork, NicRef, PoolsByIpConfig, is_uniform_scale_set
+from sidecar.arm import ArmError, ArmNetwork, NicRef, is_uniform_scale_set, merged
 from sidecar.backoff import Backoff
+from sidecar.gates import Approval, Wanted
 from sidecar.imds import Compute
 from sidecar.metrics import Metrics
+from sidecar.pool_record import PoolsByIpConfig
 from sidecar.settings import Settings
 from sidecar.store import StateDocument
 
@@ -34,6 +39,8 @@ REMOVE_BACKOFF_MAX = 5.0
 
 
 class PoolAction:
+    name = "pools"
+
     def __init__(
         self,
         settings: Settings,
@@ -55,6 +62,7 @@ class PoolAction:
         self.gave_up = False
         self.restore_attempts = 0
         self.last_error: str | None = None
+        self.failures = 0
         self._pool_filter = {pool.casefold() for pool in settings.backend_pool_ids}
         self._changed = asyncio.Event()
         self._backoffs = {
@@ -69,10 +77,19 @@ class PoolAction:
                 ", ".join(_name(nic_id) for nic_id in self.removed),
             )
 
-    # --- what the drain loop asks and reads
+    # --- the gate the drain loop consults
+
+    def follow(self, wanted: Wanted) -> None:
+        if wanted.ready:  # before the first poll nobody knows whether a drain is due
+            self.want(wanted.draining)
+
+    def approval(self) -> Approval:
+        return Approval.OPEN if self.settled else Approval.WAIT
+
+    def probe_hold(self) -> str | None:
+        return "restoring pools" if self.holds_probe else None
 
     def want(self, out: bool) -> None:
-        """Called on every decision of the drain loop; the work happens in `run`."""
         if out == self.want_out:
             return
         self.want_out = out
@@ -97,16 +114,23 @@ class PoolAction:
         """Put back, then serve: the probe waits for the first restore attempt to finish."""
         return self.want_out is False and bool(self.removed) and self.restore_attempts == 0
 
-    def status(self) -> dict[str, Any]:
-        return {
+    def status(self, *, detailed: bool) -> dict[str, Any]:
+        out = sum(len(pools) for nic in self.removed.values() for pools in nic.values())
+        body: dict[str, Any] = {
             "mode": self.mode,
-            "note": self.note,
-            "nics": [nic.id for nic in self.nics],
-            "removed": self.removed,
+            "pools_out": out,
             "removal_done": self.removal_done,
             "restore_attempts": self.restore_attempts,
-            "last_error": self.last_error,
+            "failures": self.failures,
         }
+        if detailed:
+            body.update(
+                note=self.note,
+                nics=[nic.id for nic in self.nics],
+                removed=self.removed,
+                last_error=self.last_error,
+            )
+        return body
 
     # --- the work
 
@@ -115,11 +139,11 @@ class PoolAction:
         while True:
             self._changed.clear()
             delays = [
-                await self._attempt("restore", lambda: self._restore(network))
-                if self.want_out is False and self.removed
-                else None,
                 await self._attempt("discover", lambda: self._discover(network, compute))
                 if self.mode == "discovering"
+                else None,
+                await self._attempt("restore", lambda: self._restore(network))
+                if self.want_out is False and self.removed
                 else None,
                 await self._attempt("remove", lambda: self._remove(network))
                 if self._removal_due()
@@ -142,19 +166,26 @@ class PoolAction:
         """Runs one action; returns the pause before its retry, or None when none is due."""
         try:
             await work()
-        except (ArmError, OSError) as error:
+        except ArmError as error:
             self.metrics.arm_operations.labels(action, "error").inc()
-            self.last_error = f"{action}: {error}"
             return self._failed(action, error)
+        except Exception as error:  # a defect, ours or the SDK's: never the end of the task
+            self.metrics.arm_operations.labels(action, "unexpected").inc()
+            log.exception("%s: unexpected %s", action, type(error).__name__)
+            return self._failed(
+                action, ArmError(f"{type(error).__name__}: {error}", permanent=False)
+            )
         self.metrics.arm_operations.labels(action, "ok").inc()
         self._backoffs[action].reset()
         self.last_error = None
         return None
 
-    def _failed(self, action: str, error: ArmError | OSError) -> float | None:
-        permanent = isinstance(error, ArmError) and error.permanent
-        permission = error.permission if isinstance(error, ArmError) else None
-        grant = f"; grant {permission} to this VM's managed identity" if permission else ""
+    def _failed(self, action: str, error: ArmError) -> float | None:
+        self.failures += 1
+        self.last_error = f"{action}: {error}"
+        grant = (
+            f"; grant {error.permission} to this VM's managed identity" if error.permission else ""
+        )
         delay = self._backoffs[action].next_delay()
         if action == "restore":
             self.restore_attempts += 1
@@ -167,7 +198,7 @@ class PoolAction:
                 delay,
             )
             return delay
-        if permanent:
+        if error.permanent:
             what = "cannot find this VM's NIC" if action == "discover" else "cannot leave pools"
             self._probe_only(f"{what}: {error}{grant}", for_good=action == "discover")
             self._rediscover_on_drain = action == "discover"
@@ -186,7 +217,7 @@ class PoolAction:
 
     async def _discover(self, network: ArmNetwork, compute: Compute | None) -> None:
         if self.settings.nic_id:
-            self.nics = [NicRef.parse(self.settings.nic_id)]
+            nics = [NicRef.parse(self.settings.nic_id)]
         elif compute is not None and is_uniform_scale_set(compute):
             self._probe_only(
                 f"{compute.name} is an instance of the Uniform scale set {compute.scale_set}, "
@@ -195,24 +226,46 @@ class PoolAction:
             )
             return
         elif compute is not None:
-            self.nics = await network.find_nics(compute)
-            if not self.nics:
+            nics = await network.find_nics(compute)
+            if not nics:
                 self._probe_only(
                     f"no NIC in resource group {compute.resource_group} belongs to "
                     f"{compute.resource_id}; set SIDECAR_NIC_ID",
                     for_good=True,
                 )
                 return
+        else:
+            nics = []
+        for nic in nics:
+            await self._adopt_record(network, nic)
+        self.nics = nics
         self.mode = "active"
         self.note = None
         self._rediscover_on_drain = False
         log.info("pool removal on for %s", ", ".join(nic.name for nic in self.nics))
 
+    async def _adopt_record(self, network: ArmNetwork, nic: NicRef) -> None:
+        """A removal the NIC remembers and the state file does not (lost, damaged, replaced)."""
+        recorded = await network.recorded(nic)
+        for item in recorded.unreadable:
+            log.warning("%s: unreadable entry in its removal record tag: %r", nic.name, item)
+        known = self.removed.get(nic.id, {})
+        combined = merged(known, recorded.removed)
+        if combined != known:
+            log.warning(
+                "%s's own tags say it left backend pools %s that the state file does not "
+                "record; it goes back once no drain is due",
+                nic.name,
+                _describe(recorded.removed),
+            )
+            self.removed[nic.id] = combined
+            await self._save()
+
     async def _remove(self, network: ArmNetwork) -> None:
         for nic in self.nics:
 
             async def record(change: PoolsByIpConfig, nic_id: str = nic.id) -> None:
-                self.removed[nic_id] = _merged(self.removed.get(nic_id, {}), change)
+                self.removed[nic_id] = merged(self.removed.get(nic_id, {}), change)
                 await self._save()
 
             removed = await network.remove_pools(nic, self._chosen, record)
@@ -256,14 +309,6 @@ def _restore_record(sections: dict[str, Any]) -> dict[str, PoolsByIpConfig]:
         for nic_id, configs in removed.items()
         if isinstance(configs, dict)
     }
-
-
-def _merged(recorded: PoolsByIpConfig, change: PoolsByIpConfig) -> PoolsByIpConfig:
-    merged = {config: list(pools) for config, pools in recorded.items()}
-    for config, pools in change.items():
-        known = {pool.casefold() for pool in merged.get(config, [])}
-        merged[config] = [*merged.get(config, []), *(p for p in pools if p.casefold() not in known)]
-    return merged
 
 
 def _describe(pools: PoolsByIpConfig) -> str:

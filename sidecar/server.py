@@ -1,10 +1,21 @@
 """The HTTP surface: the load-balancer probe, /status and /metrics.
 
-Invariant: handlers only read in-memory state; nothing here awaits IMDS, ARM or the disk, so the
-probe answers in well under a millisecond of work whatever the drain loop is waiting for.
+Invariants:
+- handlers only read in-memory state; nothing here awaits IMDS, ARM or the disk, so the probe
+  answers in well under a millisecond of work whatever the drain loop is waiting for;
+- the probe answers whatever else happens on its port: at most `MAX_CONNECTIONS` are open (the
+  oldest is shed to admit a new one), and a connection idle for `IDLE_SECONDS` is closed;
+- a client that is not on loopback sees what a load balancer and a dashboard need (phase,
+  reasons, times, counts), never identifiers or error texts (subscription, resource ids, other
+  VMs' names, ARM's messages with object ids).
 """
 
 from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -12,9 +23,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sidecar import __version__
 from sidecar.drainer import Drainer
 from sidecar.metrics import Metrics
+from sidecar.supervise import Supervisor
+
+MAX_CONNECTIONS = 256
+"""Far above what probes and scrapers need, far below the default 1,024 descriptors."""
+IDLE_SECONDS = 5.0
+"""A probe or a scrape takes milliseconds; a connection that says nothing this long is shed."""
 
 DRAINER = web.AppKey("drainer", Drainer)
 METRICS = web.AppKey("metrics", Metrics)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
 
 
 async def probe(request: web.Request) -> web.Response:
@@ -23,7 +41,13 @@ async def probe(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    body = {"version": __version__, **request.app[DRAINER].status()}
+    detailed = is_loopback(request)
+    body: dict[str, Any] = {
+        "version": __version__,
+        **request.app[DRAINER].status(detailed=detailed),
+        "tasks": request.app[SUPERVISOR].status(detailed=detailed),
+        "detail": "full" if detailed else "public: identifiers are shown to loopback clients",
+    }
     return web.json_response(body)
 
 
@@ -33,11 +57,61 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
-def make_app(drainer: Drainer, health_path: str) -> web.Application:
+def is_loopback(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:  # a Unix socket or no peer: not a remote client
+        return request.remote is None
+
+
+def make_app(drainer: Drainer, supervisor: Supervisor, health_path: str) -> web.Application:
     app = web.Application()
     app[DRAINER] = drainer
     app[METRICS] = drainer.metrics
+    app[SUPERVISOR] = supervisor
     app.router.add_get(health_path, probe)  # GET and HEAD
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+class CappedSite(web.BaseSite):
+    """A TCP site that sheds its oldest connection when `limit` are open, so that a flood of
+    idle connections can never crowd out the load balancer's probe."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        limit: int,
+        on_shed: Callable[[], None],
+    ) -> None:
+        super().__init__(runner, backlog=min(limit, 1024))
+        self._host = host
+        self._port = port
+        self._limit = limit
+        self._on_shed = on_shed
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        if server is None:
+            raise RuntimeError("the runner is not set up")
+
+        def accept() -> web.RequestHandler:
+            live = server.connections
+            if len(live) >= self._limit:
+                live[0].force_close()
+                self._on_shed()
+            return server()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            accept, self._host, self._port, backlog=self._backlog, reuse_address=True
+        )

@@ -182,6 +182,20 @@ class Settings(BaseSettings):
         description="Where drains and approvals survive restarts and reboots.",
         json_schema_extra=_group("Drain"),
     )
+    return_after: Literal["completed", "impact"] = Field(
+        "completed",
+        description="completed: serve again once the event leaves the document (Microsoft's "
+        "advice; minutes after a reboot); impact: as soon as its impact is over (a new boot id "
+        "after Reboot/Redeploy, DurationInSeconds after a Freeze), accepting the documented risk "
+        "of a short second impact while it is still listed.",
+        json_schema_extra=_group("Drain"),
+    )
+    boot_id_file: Path = Field(
+        Path("/proc/sys/kernel/random/boot_id"),
+        description="Where this boot's id is read (changes at every boot; the same inside "
+        "containers); another file only for rehearsals and tests.",
+        json_schema_extra=_group("Drain"),
+    )
 
     # --- Backend pool removal through Azure Resource Manager
     arm_enabled: bool = Field(

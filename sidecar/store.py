@@ -1,8 +1,13 @@
 """The state file: what must survive a crash, a restart or the reboot itself.
 
-Invariants: the file on disk is always a complete document (written to a temporary file, fsynced,
-then renamed over the old one); a file that cannot be read is moved aside with a warning and the
-sidecar starts afresh instead of crash-looping; sections this version does not know are kept.
+Invariants:
+- the file on disk is always a complete document (temporary file, fsync, rename, fsync of the
+  directory); each section sits on a line of its own, so a file damaged later (a torn write on a
+  careless filesystem, a hand edit) still yields every section whose line parses;
+- nothing is discarded: a damaged file is copied aside before anything is written over it, what
+  parses of it is kept, and what was lost is said in the log and in /status; a file written by a
+  newer version stops start-up with a message instead (its format is not ours to guess);
+- sections this version does not know are kept as they were.
 """
 
 from __future__ import annotations
@@ -12,13 +17,13 @@ import copy
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from sidecar.machine import DrainState, Phase, Tracked
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +31,27 @@ FORMAT_VERSION = 1
 
 
 class StateFileError(Exception):
-    """The state file's directory cannot be written: persistence, and with it safety, is off."""
+    """The state file cannot be used: start-up stops with this message (it names the setting)."""
+
+
+@dataclass
+class LoadReport:
+    """What start-up found in the state file, for the log and /status."""
+
+    problem: str | None = None
+    copied_to: str | None = None
+    salvaged: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+
+    def status(self) -> dict[str, Any] | None:
+        if self.problem is None:
+            return None
+        return {
+            "problem": self.problem,
+            "copied_to": self.copied_to,
+            "salvaged": self.salvaged,
+            "lost": self.lost,
+        }
 
 
 class StateStore:
@@ -34,6 +59,7 @@ class StateStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.report = LoadReport()
         self._last_written: bytes | None = None
 
     def check_writable(self) -> None:
@@ -49,26 +75,34 @@ class StateStore:
             ) from None
 
     def load(self) -> dict[str, Any]:
+        """The sections of the file; salvages a damaged one, refuses a newer version's."""
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return {}
         except OSError as error:
-            return self._set_aside(f"cannot be read ({error.strerror or error})")
+            return self._damaged(f"cannot be read ({error.strerror or error})", b"")
         try:
             document = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            return self._set_aside(f"is not JSON ({error})")
-        if not isinstance(document, dict) or document.get("version") != FORMAT_VERSION:
-            return self._set_aside(f"is not a version {FORMAT_VERSION} state document")
+            return self._damaged(f"is not JSON ({error})", raw)
+        if not isinstance(document, dict):
+            return self._damaged("is not a JSON object", raw)
+        version = document.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            raise StateFileError(
+                f"SIDECAR_STATE_FILE={self.path}: written by a newer sidecar (format {version}, "
+                f"this one reads {FORMAT_VERSION}); it is left as it is: run the newer version, "
+                "or move the file away to start afresh"
+            )
+        if version != FORMAT_VERSION:
+            return self._damaged(f"has no known format version ({version!r})", raw)
         self._last_written = raw
-        return document
+        return {key: value for key, value in document.items() if key != "version"}
 
     def save(self, document: Mapping[str, Any]) -> bool:
         """Returns whether anything was written; blocking, so call it off the event loop."""
-        payload = json.dumps(
-            {"version": FORMAT_VERSION, **document}, indent=1, sort_keys=True
-        ).encode()
+        payload = render(document)
         if payload == self._last_written:
             return False
         directory = self.path.parent
@@ -86,40 +120,70 @@ class StateStore:
         self._last_written = payload
         return True
 
-    def _set_aside(self, problem: str) -> dict[str, Any]:
+    def _damaged(self, problem: str, raw: bytes) -> dict[str, Any]:
+        sections, lost = salvage(raw)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        self.report = LoadReport(problem, None, sorted(sections), lost)
         try:
-            os.replace(self.path, aside)
+            shutil.copyfile(self.path, aside)
+            self.report.copied_to = str(aside)
         except OSError as error:
-            log.warning(
-                "state file %s %s and could not be moved aside (%s); starting with empty state",
-                self.path,
-                problem,
-                error.strerror or error,
-            )
-        else:
-            log.warning(
-                "state file %s %s; moved it to %s and started with empty state",
-                self.path,
-                problem,
-                aside,
-            )
-        return {}
+            log.warning("could not copy the damaged state file aside: %s", error.strerror or error)
+        log.warning(
+            "state file %s %s; kept a copy as %s; salvaged sections: %s; lost: %s",
+            self.path,
+            problem,
+            self.report.copied_to or "(none)",
+            ", ".join(self.report.salvaged) or "none",
+            ", ".join(lost) or "nothing readable",
+        )
+        return sections
+
+
+def render(document: Mapping[str, Any]) -> bytes:
+    """One section per line: still JSON, and still readable by `salvage` if torn later."""
+    lines = [f'"version": {FORMAT_VERSION}']
+    lines += [
+        f"{json.dumps(key)}: {json.dumps(value, sort_keys=True)}"
+        for key, value in sorted(document.items())
+        if key != "version"
+    ]
+    return ("{\n" + ",\n".join(lines) + "\n}\n").encode()
+
+
+def salvage(raw: bytes) -> tuple[dict[str, Any], list[str]]:
+    """The sections whose line still parses, and the names (or line numbers) of the others."""
+    sections: dict[str, Any] = {}
+    lost: list[str] = []
+    text = raw.decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip().rstrip(",")
+        if stripped in ("", "{", "}") or stripped.startswith('"version"'):
+            continue
+        try:
+            parsed = json.loads("{" + stripped + "}")
+        except json.JSONDecodeError:
+            name = stripped.split(":", 1)[0].strip('"') if stripped.startswith('"') else ""
+            lost.append(name[:40] or f"line {number}")
+            continue
+        if isinstance(parsed, dict):
+            sections.update(parsed)
+    return sections, lost
 
 
 class StateDocument:
-    """The one state file, shared by the drain loop and the pool action, one section each.
+    """The one state file, shared by the drain loop and the gates, one section each.
 
     Writes are serialized and happen off the event loop; `write` returns only once the new
-    document is on disk, so a caller can rely on it before acting (the pool action does).
+    document is on disk, so a caller can rely on it before acting (approvals and pool removals
+    do). With `enabled` False (a dry run) nothing is ever written.
     """
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, *, enabled: bool = True) -> None:
         self.store = store
-        self.sections: dict[str, Any] = {
-            key: value for key, value in store.load().items() if key != "version"
-        }
+        self.enabled = enabled
+        self.sections: dict[str, Any] = store.load()
         self._lock = asyncio.Lock()
         self._saved = True
         """Whether the file holds `sections` (False after a failed or interrupted write)."""
@@ -135,6 +199,8 @@ class StateDocument:
                 return False
             # a snapshot: callers may mutate what they passed (the pool action does)
             self.sections[section] = copy.deepcopy(value)
+            if not self.enabled:
+                return False
             self._saved = False
             written = await asyncio.to_thread(self.store.save, dict(self.sections))
             self._saved = True
@@ -148,44 +214,3 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def drain_section(state: DrainState) -> dict[str, Any]:
-    """The part of the drain state a restart needs: drains in progress and approvals made."""
-    return {
-        "draining": {
-            event_id: {"type": tracked.event_type, "drain_started": tracked.drain_started}
-            for event_id, tracked in sorted(state.events.items())
-            if tracked.holds_probe_down
-        },
-        "approved": dict(sorted(state.approved.items())),
-    }
-
-
-def restore_drain(sections: Mapping[str, Any]) -> DrainState:
-    """Rebuilds what the last process knew; the first poll then brings it up to date."""
-    section = sections.get("drain")
-    if not isinstance(section, dict):
-        return DrainState()
-    events: dict[str, Tracked] = {}
-    draining = section.get("draining")
-    for event_id, saved in (draining if isinstance(draining, dict) else {}).items():
-        if not isinstance(saved, dict):
-            continue
-        started = saved.get("drain_started")
-        events[str(event_id)] = Tracked(
-            event_id=str(event_id),
-            event_type=str(saved.get("type", "")),
-            phase=Phase.DRAINING,
-            reason="restored from the state file",
-            drain_started=float(started) if isinstance(started, int | float) else None,
-        )
-    approved_section = section.get("approved")
-    approved = {
-        str(event_id): float(moment)
-        for event_id, moment in (
-            approved_section if isinstance(approved_section, dict) else {}
-        ).items()
-        if isinstance(moment, int | float)
-    }
-    return DrainState(events=events, approved=approved)

@@ -76,7 +76,7 @@ def test_state_file_that_cannot_be_written_stops_start_up(tmp_path: Path) -> Non
     assert "Traceback" not in result.stderr
 
 
-def test_corrupt_state_file_is_moved_aside(
+def test_corrupt_state_file_is_kept_aside_and_reported(
     simulator: Simulator, start_sidecar: SidecarFactory, tmp_path: Path
 ) -> None:
     (tmp_path / "state.json").write_text('{"version": 1, "drain": {"appr')
@@ -85,7 +85,10 @@ def test_corrupt_state_file_is_moved_aside(
     aside = list(tmp_path.glob("state.json.corrupt-*"))
     assert len(aside) == 1
     assert aside[0].read_text() == '{"version": 1, "drain": {"appr'
-    assert "moved it to" in sidecar.process.output()
+    assert "kept a copy as" in sidecar.process.output()
+    report = sidecar.status()["state_file"]
+    assert report["problem"].startswith("is not JSON")
+    assert report["copied_to"] == str(aside[0])
 
 
 def test_vm_name_comes_from_instance_metadata(

@@ -100,7 +100,8 @@ def test_not_the_leader_drains_but_does_not_approve(
     sidecar.wait_probe(200)
     event = simulator.add_event(type="Reboot", resources=["web-0", "web-1"], not_before_in=900)
     waiting = sidecar.wait_phase(event["EventId"], "waiting")
-    assert "web-0 is the leader" in waiting["reason"]
+    assert "first VM in Resources is the leader" in waiting["reason"]
+    assert waiting["resources"][0] == "web-0"
     assert sidecar.probe().status == 503
     sidecar.wait_polls(10)  # 2.5 s, five drain periods: an approval would have been sent by now
     assert simulator.approvals() == []

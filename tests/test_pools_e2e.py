@@ -79,6 +79,7 @@ def without_pools(document: dict[str, Any]) -> dict[str, Any]:
     """The NIC minus what a pool change may touch: pools, etags, provisioning state."""
     copy = json.loads(json.dumps(document))
     copy.pop("etag", None)
+    copy.get("tags", {}).pop("drain-sidecar-removed", None)  # the NIC's own removal record
     copy["properties"].pop("provisioningState", None)
     for config in copy["properties"]["ipConfigurations"]:
         config.pop("etag", None)
