@@ -61,6 +61,7 @@ class PoolAction:
         self.removal_done = False
         self.gave_up = False
         self.restore_attempts = 0
+        self.discover_attempts = 0
         self.last_error: str | None = None
         self.failures = 0
         self._pool_filter = {pool.casefold() for pool in settings.backend_pool_ids}
@@ -87,6 +88,10 @@ class PoolAction:
         return Approval.OPEN if self.settled else Approval.WAIT
 
     def probe_hold(self) -> str | None:
+        if self.want_out is not False:
+            return None
+        if self.discover_attempts == 0:  # the NIC's own record may name pools to put back
+            return "checking pools"
         return "restoring pools" if self.holds_probe else None
 
     def want(self, out: bool) -> None:
@@ -172,9 +177,11 @@ class PoolAction:
         except Exception as error:  # a defect, ours or the SDK's: never the end of the task
             self.metrics.arm_operations.labels(action, "unexpected").inc()
             log.exception("%s: unexpected %s", action, type(error).__name__)
-            return self._failed(
-                action, ArmError(f"{type(error).__name__}: {error}", permanent=False)
-            )
+            unexpected = ArmError(f"{type(error).__name__}: {error}", permanent=False)
+            return self._failed(action, unexpected)
+        finally:
+            if action == "discover":
+                self.discover_attempts += 1
         self.metrics.arm_operations.labels(action, "ok").inc()
         self._backoffs[action].reset()
         self.last_error = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -27,6 +27,9 @@ from sidecar.supervise import Supervisor
 
 MAX_CONNECTIONS = 256
 """Far above what probes and scrapers need, far below the default 1,024 descriptors."""
+BACKLOG = 128
+"""Connections asyncio accepts in one go before our cap sees them: small, so that accepted,
+live and shed-but-not-yet-closed connections together stay far below the descriptor limit."""
 IDLE_SECONDS = 5.0
 """A probe or a scrape takes milliseconds; a connection that says nothing this long is shed."""
 
@@ -77,7 +80,8 @@ def make_app(drainer: Drainer, supervisor: Supervisor, health_path: str) -> web.
 
 class CappedSite(web.BaseSite):
     """A TCP site that sheds its oldest connection when `limit` are open, so that a flood of
-    idle connections can never crowd out the load balancer's probe."""
+    idle connections can never crowd out the load balancer's probe. Connections are counted
+    from the moment they are accepted (aiohttp learns of them only a loop iteration later)."""
 
     def __init__(
         self,
@@ -88,11 +92,12 @@ class CappedSite(web.BaseSite):
         limit: int,
         on_shed: Callable[[], None],
     ) -> None:
-        super().__init__(runner, backlog=min(limit, 1024))
+        super().__init__(runner, backlog=BACKLOG)
         self._host = host
         self._port = port
         self._limit = limit
         self._on_shed = on_shed
+        self._open: dict[_Counted, None] = {}  # oldest first
 
     @property
     def name(self) -> str:
@@ -104,14 +109,51 @@ class CappedSite(web.BaseSite):
         if server is None:
             raise RuntimeError("the runner is not set up")
 
-        def accept() -> web.RequestHandler:
-            live = server.connections
-            if len(live) >= self._limit:
-                live[0].force_close()
+        def accept() -> _Counted:
+            while len(self._open) >= self._limit:
+                oldest = next(iter(self._open))
+                self._open.pop(oldest)
+                oldest.shed()
                 self._on_shed()
-            return server()
+            counted = _Counted(server(), self._open)
+            self._open[counted] = None
+            return counted
 
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             accept, self._host, self._port, backlog=self._backlog, reuse_address=True
         )
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, counted while it is open."""
+
+    def __init__(self, inner: web.RequestHandler, registry: dict[_Counted, None]) -> None:
+        self.inner = inner
+        self.registry = registry
+        self.transport: asyncio.Transport | None = None
+
+    def shed(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()  # an idle flood connection: no goodbye owed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> None:
+        self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.registry.pop(self, None)
+        self.transport = None
+        self.inner.connection_lost(exc)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.arm_support import arm_settings
 from tests.simulator_helpers import FakeClock, RunningSimulator, quick_options
-from tests.support import Sidecar, Simulator
+from tests.support import Sidecar, SidecarFactory, Simulator
 
 
 @pytest.fixture
@@ -16,9 +17,6 @@ def simulator(tmp_path: Path) -> Iterator[Simulator]:
     sim = Simulator(tmp_path, "--no-arm", "--started-seconds", "2")
     yield sim
     sim.close()
-
-
-SidecarFactory = Callable[..., Sidecar]
 
 
 @pytest.fixture
@@ -38,6 +36,19 @@ def start_sidecar(tmp_path: Path, simulator: Simulator) -> Iterator[SidecarFacto
     yield start
     for sidecar in started:
         sidecar.close()
+
+
+@pytest.fixture
+def start_arm_sidecar(start_sidecar: SidecarFactory, simulator: Simulator) -> SidecarFactory:
+    """`start_sidecar` with pool removal on; the module must provide an ARM `simulator`
+    (tests.arm_support.arm_simulator)."""
+
+    def start(env: dict[str, str] | None = None, **settings: str) -> Sidecar:
+        return start_sidecar(
+            env={"NO_PROXY": "localhost", **(env or {})}, **arm_settings(simulator, **settings)
+        )
+
+    return start
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,13 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 class Process:
     """A `python -m sidecar ...` child whose output is kept in a file for failure reports."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        log: Path,
+        preexec: Callable[[], None] | None = None,
+    ) -> None:
         self.log = log
         self._log_handle = log.open("ab")
         self.popen = subprocess.Popen(
@@ -79,6 +86,7 @@ class Process:
             env=env,
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec,
         )
 
     def output(self) -> str:
@@ -151,7 +159,14 @@ class Simulator:
 class Sidecar:
     """`sidecar run` as a process, configured only through SIDECAR_* variables."""
 
-    def __init__(self, workdir: Path, settings: dict[str, str]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        settings: dict[str, str],
+        preexec: Callable[[], None] | None = None,
+    ) -> None:
+        """`preexec` runs in the child before exec (e.g. to lower its descriptor limit)."""
+        self.preexec = preexec
         self.port = free_port()
         self.settings = {
             "SIDECAR_HOST": "127.0.0.1",
@@ -164,7 +179,9 @@ class Sidecar:
         self.process = self._start()
 
     def _start(self) -> Process:
-        return Process(["run"], child_env(self.settings), self.workdir / "sidecar.log")
+        return Process(
+            ["run"], child_env(self.settings), self.workdir / "sidecar.log", self.preexec
+        )
 
     @property
     def url(self) -> str:
@@ -223,6 +240,10 @@ class Sidecar:
 
     def close(self) -> None:
         self.process.close()
+
+
+SidecarFactory = Callable[..., Sidecar]
+"""Starts `sidecar run` with SIDECAR_* overrides as keywords (see the conftest fixtures)."""
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

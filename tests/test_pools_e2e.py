@@ -8,7 +8,6 @@ VM and of no VM sit in the same resource group.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,86 +15,31 @@ from typing import Any
 
 import pytest
 
+from tests.arm_support import (
+    EMPTY,
+    NIC,
+    ORIGINAL,
+    arm_simulator,
+    drain_with_the_nic_out,
+    nic,
+    pool_status,
+    pools,
+    puts,
+    saved_removals,
+    seen,
+    without_pools,
+)
 from tests.conftest import SidecarFactory
-from tests.support import Sidecar, Simulator, wait_for
+from tests.support import Simulator, wait_for
 from tests.test_drain_e2e import epoch
-
-NIC = "web-1-nic"
 
 
 @pytest.fixture
 def simulator(tmp_path: Path) -> Iterator[Simulator]:
-    """Overrides conftest's: this one also serves ARM, with fast long-running operations."""
-    sim = Simulator(
-        tmp_path, "--arm-port", "0", "--arm-retry-after", "0.2", "--started-seconds", "2"
-    )
+    """Overrides conftest's: this one also serves ARM."""
+    sim = arm_simulator(tmp_path)
     yield sim
     sim.close()
-
-
-def arm_settings(simulator: Simulator, **more: str) -> dict[str, str]:
-    assert simulator.arm_url and simulator.ca_file
-    return {
-        "vm_name": "",  # from instance metadata, as in production
-        "arm_enabled": "true",
-        # The dead HTTPS proxy of every child applies to ARM (which honours proxy variables)
-        # except for localhost; IMDS, at 127.0.0.1, must reach us without any proxy.
-        "arm_url": simulator.arm_url.replace("127.0.0.1", "localhost"),
-        "arm_ca_bundle": simulator.ca_file,
-        "min_drain_seconds": "0",
-        **more,
-    }
-
-
-@pytest.fixture
-def start_arm_sidecar(start_sidecar: SidecarFactory, simulator: Simulator) -> SidecarFactory:
-    def start(env: dict[str, str] | None = None, **settings: str) -> Sidecar:
-        return start_sidecar(
-            env={"NO_PROXY": "localhost", **(env or {})}, **arm_settings(simulator, **settings)
-        )
-
-    return start
-
-
-def nic(simulator: Simulator, name: str = NIC) -> dict[str, Any]:
-    document: dict[str, Any] = simulator.control("GET", f"/nics/{name}")
-    return document
-
-
-def pools(simulator: Simulator, name: str = NIC) -> dict[str, list[str]]:
-    """Pool names per IP configuration, in order."""
-    result = {}
-    for config in nic(simulator, name)["properties"]["ipConfigurations"]:
-        members = config["properties"].get("loadBalancerBackendAddressPools", [])
-        result[config["name"]] = [member["id"].rsplit("/", 1)[-1] for member in members]
-    return result
-
-
-ORIGINAL = {"ipconfig1": ["pool-http", "pool-admin"], "ipconfig2": ["pool-http"]}
-EMPTY = {"ipconfig1": [], "ipconfig2": []}
-
-
-def without_pools(document: dict[str, Any]) -> dict[str, Any]:
-    """The NIC minus what a pool change may touch: pools, etags, provisioning state."""
-    copy = json.loads(json.dumps(document))
-    copy.pop("etag", None)
-    copy.get("tags", {}).pop("drain-sidecar-removed", None)  # the NIC's own removal record
-    copy["properties"].pop("provisioningState", None)
-    for config in copy["properties"]["ipConfigurations"]:
-        config.pop("etag", None)
-        config["properties"].pop("loadBalancerBackendAddressPools", None)
-        config["properties"].pop("provisioningState", None)
-    return copy
-
-
-def pool_status(sidecar: Sidecar) -> dict[str, Any]:
-    status: dict[str, Any] = sidecar.status()["pools"]
-    return status
-
-
-def puts(simulator: Simulator) -> list[dict[str, Any]]:
-    log = simulator.control("GET", "/requests")["log"]
-    return [entry for entry in log if entry["kind"] == "arm-put"]
 
 
 def test_drain_takes_the_nic_out_and_puts_back_exactly_its_pools(
@@ -143,31 +87,6 @@ def test_pool_filter_leaves_only_the_chosen_pools(
     wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal")
     assert pools(simulator) == {"ipconfig1": ["pool-http"], "ipconfig2": ["pool-http"]}
     assert pool_status(sidecar)["removed"] == {nic(simulator)["id"]: {"ipconfig1": [admin]}}
-
-
-def saved_removals(workdir: Path) -> dict[str, Any]:
-    try:
-        document = json.loads((workdir / "state.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-    removed: dict[str, Any] = document.get("pools", {}).get("removed", {})
-    return removed
-
-
-def drain_with_the_nic_out(
-    simulator: Simulator, start_arm_sidecar: SidecarFactory
-) -> tuple[Sidecar, dict[str, Any]]:
-    """A sidecar in a long drain for a Reboot, its NIC already out of its pools."""
-    sidecar = start_arm_sidecar(drain_seconds="600")
-    sidecar.wait_probe(200)
-    event = simulator.add_event(type="Reboot", not_before_in=900)
-    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal")
-    return sidecar, event
-
-
-def seen(simulator: Simulator, kind: str) -> bool:
-    """Whether a request of this kind reached the simulator (a hung one has no status yet)."""
-    return any(entry["kind"] == kind for entry in simulator.control("GET", "/requests")["log"])
 
 
 @pytest.mark.parametrize(
