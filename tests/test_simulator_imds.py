@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from sidecar.simulator.options import ScheduleSpec
 from sidecar.simulator.times import parse_time
 from tests.simulator_helpers import (
     INSTANCE_VERSION,
@@ -116,6 +117,63 @@ def test_not_before_is_rfc1123_and_empty_once_started(
     (started,) = sim.events()["Events"]
     assert started["EventStatus"] == "Started"
     assert started["NotBefore"] == ""
+
+
+TYPES_BY_VERSION = {
+    "2017-03-01": {"Reboot", "Redeploy", "Freeze", "Hibernate"},
+    "2017-08-01": {"Reboot", "Redeploy", "Freeze", "Hibernate"},
+    "2017-11-01": {"Reboot", "Redeploy", "Freeze", "Hibernate", "Preempt"},
+    "2019-01-01": {"Reboot", "Redeploy", "Freeze", "Hibernate", "Preempt", "Terminate"},
+    "2020-07-01": {"Reboot", "Redeploy", "Freeze", "Hibernate", "Preempt", "Terminate"},
+}
+
+
+@pytest.mark.parametrize(("version", "shown"), sorted(TYPES_BY_VERSION.items()))
+def test_event_types_appear_from_the_version_that_introduced_them(
+    sim: RunningSimulator, version: str, shown: set[str]
+) -> None:
+    # Preempt came with 2017-11-01, Terminate with 2019-01-01; unknown types are always shown.
+    for event_type in ("Reboot", "Redeploy", "Freeze", "Preempt", "Terminate", "Hibernate"):
+        sim.add_event(type=event_type)
+    document = sim.events(version)
+    assert {event["EventType"] for event in document["Events"]} == shown
+    assert document["DocumentIncarnation"] == sim.events()["DocumentIncarnation"] == 6
+
+
+def test_an_older_version_cannot_approve_what_it_does_not_show(sim: RunningSimulator) -> None:
+    terminate = sim.add_event(type="Terminate")
+    body = {"StartRequests": [{"EventId": terminate["EventId"]}]}
+    old = sim.imds("/metadata/scheduledevents?api-version=2017-11-01", method="POST", body=body)
+    assert old.status == 400
+    assert "Unknown EventId" in old.json()["error"]
+    assert sim.events()["Events"][0]["EventStatus"] == "Scheduled"
+    assert sim.approve(terminate["EventId"]).status == 200
+    assert sim.events()["Events"][0]["EventStatus"] == "Started"
+
+
+@pytest.mark.parametrize("event_type", ["Reboot", "Redeploy", "Freeze", "Preempt", "Terminate"])
+@pytest.mark.parametrize("status", ["Scheduled", "Started"])
+def test_every_event_carries_event_source_and_duration(
+    sim: RunningSimulator, event_type: str, status: str
+) -> None:
+    sim.add_event(type=event_type, status=status, started_for=None)
+    sim.add_event(type=event_type, status=status, duration=9, source="User", started_for=None)
+    plain, custom = sim.events()["Events"]
+    assert (plain["EventSource"], plain["DurationInSeconds"]) == ("Platform", -1)
+    assert (custom["EventSource"], custom["DurationInSeconds"]) == ("User", 9)
+    assert "EventSource" in sim.events("2019-08-01")["Events"][0]
+    assert "DurationInSeconds" not in sim.events("2019-08-01")["Events"][0]
+
+
+def test_approved_and_scheduled_at_start_up_events_keep_source_and_duration() -> None:
+    options = quick_options(arm=False, schedule=(ScheduleSpec("Freeze", 60.0),))
+    with RunningSimulator(options) as sim:
+        (event,) = sim.events()["Events"]
+        assert (event["EventSource"], event["DurationInSeconds"]) == ("Platform", -1)
+        assert sim.approve(event["EventId"]).status == 200
+        (started,) = sim.events()["Events"]
+        assert started["EventStatus"] == "Started"
+        assert (started["EventSource"], started["DurationInSeconds"]) == ("Platform", -1)
 
 
 def test_empty_document(sim: RunningSimulator) -> None:

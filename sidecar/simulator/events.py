@@ -20,6 +20,7 @@ from typing import Any
 
 from sidecar.simulator.errors import ControlError
 from sidecar.simulator.times import Clock, iso8601, parse_time, rfc1123
+from sidecar.simulator.versions import event_type_known
 
 SCHEDULED = "Scheduled"
 STARTED = "Started"
@@ -180,10 +181,15 @@ class EventBook:
                 self._bump()
 
     def document(self, api_version: str) -> dict[str, Any]:
+        """What IMDS shows for ``api_version``: events of types it did not know are left out."""
         self.advance()
         return {
             "DocumentIncarnation": self._incarnation,
-            "Events": [render_event(event, api_version) for event in self._events.values()],
+            "Events": [
+                render_event(event, api_version)
+                for event in self._events.values()
+                if event_type_known(event.event_type, api_version)
+            ],
         }
 
     def add(self, spec: EventSpec) -> ScheduledEvent:
@@ -221,14 +227,26 @@ class EventBook:
             self._bump()
         return event
 
-    def approve(self, event_ids: Sequence[str], vm: str, remote: str) -> list[ScheduledEvent]:
+    def approve(
+        self,
+        event_ids: Sequence[str],
+        vm: str,
+        remote: str,
+        api_version: str = SCHEDULED_EVENTS_NEWEST,
+    ) -> list[ScheduledEvent]:
         """Record StartRequests; all named events start for every VM they name.
 
-        All-or-nothing: one unknown id refuses the whole request. Approving an event that has
-        already started is accepted (Microsoft documents 200 even when another VM approved it).
+        All-or-nothing: one unknown id refuses the whole request; an event ``api_version``'s
+        document leaves out counts as unknown. Approving an event that has already started is
+        accepted (Microsoft documents 200 even when another VM approved it).
         """
         self.advance()
-        unknown = [event_id for event_id in event_ids if event_id.casefold() not in self._events]
+        unknown = [
+            event_id
+            for event_id in event_ids
+            if event_id.casefold() not in self._events
+            or not event_type_known(self._events[event_id.casefold()].event_type, api_version)
+        ]
         if unknown:
             raise UnknownEventError(unknown)
         now = self._clock()

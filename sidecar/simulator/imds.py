@@ -105,14 +105,15 @@ def _scheduled_events(world: World, request: web.Request, vm_name: str) -> web.R
 
 
 async def _approve(world: World, request: web.Request, vm_name: str) -> web.Response:
-    if _version(request, SCHEDULED_EVENTS_VERSIONS) is None:
+    version = _version(request, SCHEDULED_EVENTS_VERSIONS)
+    if version is None:
         return _bad_version(SCHEDULED_EVENTS_VERSIONS)
     event_ids = _start_requests(await request.read())
     if event_ids is None:
         return imds_error(400, 'Bad request. Expected {"StartRequests": [{"EventId": "..."}]}')
     vm = world.ensure_vm(vm_name)
     try:
-        world.events.approve(event_ids, vm.name, request.remote or "")
+        world.events.approve(event_ids, vm.name, request.remote or "", version)
     except UnknownEventError as exc:
         return imds_error(400, f"Bad request. Unknown EventId: {', '.join(exc.event_ids)}")
     return web.Response(status=200)
