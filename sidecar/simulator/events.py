@@ -6,8 +6,10 @@ Invariants:
 - every visible change (add, start, approval, cancel, removal, NotBefore or Resources change)
   bumps ``DocumentIncarnation``, which never goes down;
 - the platform's own moves (start once NotBefore has passed, removal ``started_for`` seconds
-  after start) are applied lazily, dated when they were due, before anything reads or changes
-  the book, so the document is consistent whatever the polling rate.
+  after start, or ``linger`` seconds after the impact ended) are applied lazily, dated when
+  they were due, before anything reads or changes the book, so the document is consistent
+  whatever the polling rate;
+- the impact (see ``impact``) is invisible in IMDS: it never bumps ``DocumentIncarnation``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.simulator.errors import ControlError
+from sidecar.simulator.impact import Impact, parse_impact, seconds_field
 from sidecar.simulator.times import Clock, iso8601, parse_time, rfc1123
 from sidecar.simulator.versions import event_type_known
 
@@ -63,8 +66,14 @@ class ScheduledEvent:
     source: str
     extra: dict[str, Any]
     created_at: float
+    impact: Impact = field(default_factory=Impact)
+    linger: float | None = None
+    """Seconds listed after the impact ended; when set it decides removal, not started_for."""
 
     def removal_due(self) -> float | None:
+        if self.linger is not None:
+            end = self.impact.end(self.started_at)
+            return None if end is None else end + self.linger
         if self.started_at is None or self.started_for is None:
             return None
         return self.started_at + self.started_for
@@ -103,6 +112,8 @@ class EventSpec:
     resource_type: str
     event_id: str
     extra: Mapping[str, Any] = field(default_factory=dict)
+    impact: Impact = field(default_factory=Impact)
+    linger: float | None = None
 
 
 class UnknownEventError(Exception):
@@ -213,6 +224,8 @@ class EventBook:
             source=spec.source,
             extra=dict(spec.extra),
             created_at=now,
+            impact=Impact(after=spec.impact.after, seconds=spec.impact.seconds),
+            linger=spec.linger,
         )
         self._events[key] = event
         self._bump()
@@ -225,6 +238,22 @@ class EventBook:
             event.status = STARTED
             event.started_at = self._clock()
             self._bump()
+        return event
+
+    def begin_impact(self, event_id: str) -> ScheduledEvent:
+        """The impact begins now (the event starts first if it has not)."""
+        event = self.start(event_id)
+        event.impact.begin_now(event.started_at, self._clock())
+        self.advance()
+        return event
+
+    def end_impact(self, event_id: str) -> ScheduledEvent:
+        """The impact is over now; removal by ``linger`` counts from here."""
+        event = self._require(event_id)
+        if event.status == SCHEDULED:
+            raise ControlError(409, f"event {event.event_id} has not started; no impact to end")
+        event.impact.end_now(event.started_at, self._clock())
+        self.advance()
         return event
 
     def approve(
@@ -272,7 +301,10 @@ class EventBook:
         resources: Sequence[str] | None = None,
         started_for: float | None = None,
         change_started_for: bool = False,
+        timing: Mapping[str, float | None] | None = None,
     ) -> ScheduledEvent:
+        """Change what the control API may change; ``timing`` holds the keys given among
+        ``linger``, ``impact_after`` and ``impact_seconds`` (none of them visible in IMDS)."""
         event = self._require(event_id)
         changed = False
         if not_before is not None:
@@ -286,6 +318,13 @@ class EventBook:
             changed = True
         if change_started_for:
             event.started_for = started_for
+        for key, value in (timing or {}).items():
+            if key == "linger":
+                event.linger = value
+            elif key == "impact_after":
+                event.impact.after = value if value is not None else 0.0
+            elif key == "impact_seconds":
+                event.impact.seconds = value
         if changed:
             self._bump()
         self.advance()
@@ -316,8 +355,10 @@ class EventBook:
             "not_before": iso8601(event.not_before) if event.not_before is not None else None,
             "started_at": iso8601(event.started_at) if event.started_at is not None else None,
             "started_for": event.started_for,
+            "linger": event.linger,
             "removal_at": iso8601(removal) if removal is not None else None,
             "created_at": iso8601(event.created_at),
+            **event.impact.describe(event.started_at, self._clock()),
             "approvals": [a.to_json() for a in self._approvals if a.event_id == event.event_id],
         }
 
@@ -346,6 +387,9 @@ _SPEC_KEYS = frozenset(
         "resource_type",
         "event_id",
         "extra",
+        "impact_after",
+        "impact_seconds",
+        "linger",
     }
 )
 
@@ -365,13 +409,14 @@ def parse_event_spec(
     status = body.get("status", SCHEDULED)
     if status not in (SCHEDULED, STARTED):
         raise ControlError(400, "'status' must be 'Scheduled' or 'Started'")
+    duration = _integer(body, "duration", -1)
     return EventSpec(
         event_type=event_type,
         resources=tuple(parse_resources(body.get("resources", [default_vm]))),
         status=status,
         not_before=parse_not_before(body, now=now, event_type=event_type),
         started_for=_optional_seconds(body, "started_for", started_seconds),
-        duration=_integer(body, "duration", -1),
+        duration=duration,
         description=_text(
             body, "description", DEFAULT_DESCRIPTIONS.get(event_type, OTHER_DESCRIPTION)
         ),
@@ -379,6 +424,8 @@ def parse_event_spec(
         resource_type=_text(body, "resource_type", "VirtualMachine"),
         event_id=_text(body, "event_id", str(uuid.uuid4())),
         extra=_extra(body),
+        impact=parse_impact(body, event_type=event_type, duration=duration),
+        linger=seconds_field(body, "linger", None, nullable=True),
     )
 
 
