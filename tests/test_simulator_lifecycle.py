@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from sidecar.simulator.times import parse_time
-from tests.simulator_helpers import FakeClock, RunningSimulator
+from tests.simulator_helpers import FakeClock, RunningSimulator, quick_options
 
 
 def internals(sim: RunningSimulator, event_id: str) -> dict[str, Any]:
@@ -209,3 +209,109 @@ def test_bad_impact_fields(sim: RunningSimulator, body: dict[str, Any]) -> None:
     reply = sim.control("POST", "/events", body)
     assert reply.status == 400
     assert sim.events()["Events"] == []
+
+
+# When approvals start an event ---------------------------------------------------------------
+
+
+def test_all_approvals_waits_for_every_vm_named(sim: RunningSimulator) -> None:
+    created = sim.add_event(
+        type="Freeze", resources=["web-1", "web-2", "web-3"], start_when="all-approvals"
+    )
+    event_id = created["EventId"]
+    assert created["start_when"] == "all-approvals"
+    assert created["awaiting_approval"] == ["web-1", "web-2", "web-3"]
+    incarnation = sim.events()["DocumentIncarnation"]
+    assert sim.approve(event_id, vm="web-2").status == 200
+    assert sim.approve(event_id, vm="web-2").status == 200  # again: still counts once
+    assert sim.approve(event_id, vm="other-vm").status == 200  # not named: does not count
+    assert sim.approve(event_id).status == 200  # the default view, web-1
+    document = sim.events()
+    assert document["Events"][0]["EventStatus"] == "Scheduled"
+    assert document["DocumentIncarnation"] == incarnation  # nothing visible changed
+    assert internals(sim, event_id)["awaiting_approval"] == ["web-3"]
+    assert sim.approve(event_id, vm="WEB-3").status == 200  # names compare case-insensitively
+    document = sim.events()
+    assert document["Events"][0]["EventStatus"] == "Started"
+    assert document["DocumentIncarnation"] == incarnation + 1
+    assert internals(sim, event_id)["awaiting_approval"] == []
+    approvals = [(a["event_id"], a["vm"]) for a in sim.control("GET", "/approvals").json()]
+    assert [vm for _, vm in approvals] == ["web-2", "web-2", "other-vm", "web-1", "WEB-3"]
+
+
+def test_all_approvals_starts_at_not_before_anyway(sim: RunningSimulator, clock: FakeClock) -> None:
+    created = sim.add_event(
+        type="Reboot", resources=["web-1", "web-2"], not_before_in=120, start_when="all-approvals"
+    )
+    sim.approve(created["EventId"])
+    clock.advance(119)
+    assert sim.events()["Events"][0]["EventStatus"] == "Scheduled"
+    clock.advance(1)
+    assert sim.events()["Events"][0]["EventStatus"] == "Started"
+    assert internals(sim, created["EventId"])["started_at"] == created["not_before"]
+
+
+def test_any_approval_is_the_default(sim: RunningSimulator) -> None:
+    created = sim.add_event(type="Reboot", resources=["web-1", "web-2"])
+    assert created["start_when"] == "any-approval"
+    assert created["awaiting_approval"] == []
+    sim.approve(created["EventId"], vm="web-2")
+    assert sim.events()["Events"][0]["EventStatus"] == "Started"
+
+
+def test_the_global_setting_is_the_default_for_new_events(sim: RunningSimulator) -> None:
+    assert sim.control("GET", "/settings").json()["start_when"] == "any-approval"
+    before = sim.add_event(type="Reboot", resources=["web-1", "web-2"])
+    reply = sim.control("PATCH", "/settings", {"start_when": "all-approvals"})
+    assert reply.json()["start_when"] == "all-approvals"
+    after = sim.add_event(type="Reboot", resources=["web-1", "web-2"])
+    overridden = sim.add_event(
+        type="Reboot", resources=["web-1", "web-2"], start_when="any-approval"
+    )
+    assert [before["start_when"], after["start_when"], overridden["start_when"]] == [
+        "any-approval",
+        "all-approvals",
+        "any-approval",
+    ]
+    sim.approve(before["EventId"], after["EventId"], overridden["EventId"])
+    statuses = {e["EventId"]: e["EventStatus"] for e in sim.events()["Events"]}
+    assert statuses == {
+        before["EventId"]: "Started",
+        after["EventId"]: "Scheduled",
+        overridden["EventId"]: "Started",
+    }
+    assert sim.control("PATCH", "/settings", {"start_when": "never"}).status == 400
+    assert sim.control("POST", "/events", {"type": "Reboot", "start_when": 1}).status == 400
+
+
+def test_patching_resources_or_start_when_can_complete_the_approvals(
+    sim: RunningSimulator,
+) -> None:
+    first = sim.add_event(
+        type="Reboot", resources=["web-1", "web-2"], start_when="all-approvals", event_id="a"
+    )
+    second = sim.add_event(
+        type="Reboot", resources=["web-1", "web-2"], start_when="all-approvals", event_id="b"
+    )
+    sim.approve("a", "b")
+    incarnation = sim.events()["DocumentIncarnation"]
+    # web-2 leaves the event: everyone left has approved, so it starts.
+    reply = sim.control("PATCH", "/events/a", {"resources": ["web-1"]})
+    assert reply.json()["EventStatus"] == "Started"
+    reply = sim.control("PATCH", "/events/b", {"start_when": "any-approval"})
+    assert reply.json()["EventStatus"] == "Started"
+    assert sim.events()["DocumentIncarnation"] == incarnation + 2
+    assert {first["EventId"], second["EventId"]} == {"a", "b"}
+    assert sim.control("PATCH", "/events/a", {"start_when": "sometimes"}).status == 400
+
+
+def test_start_when_flag() -> None:
+    options = quick_options(arm=False, start_when="all-approvals")
+    with RunningSimulator(options) as sim:
+        assert sim.control("GET", "/settings").json()["start_when"] == "all-approvals"
+        created = sim.add_event(type="Reboot", resources=["web-1", "web-2"])
+        sim.approve(created["EventId"])
+        assert sim.events()["Events"][0]["EventStatus"] == "Scheduled"
+        sim.control("PATCH", "/settings", {"start_when": "any-approval"})
+        sim.control("POST", "/reset")
+        assert sim.control("GET", "/settings").json()["start_when"] == "all-approvals"

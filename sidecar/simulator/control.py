@@ -19,7 +19,12 @@ from aiohttp import web
 from sidecar.simulator import ids
 from sidecar.simulator.endpoints import URLS, WORLD, SimulatorUrls
 from sidecar.simulator.errors import ArmError, ControlError
-from sidecar.simulator.events import parse_event_spec, parse_not_before, parse_resources
+from sidecar.simulator.events import (
+    parse_event_spec,
+    parse_not_before,
+    parse_resources,
+    parse_start_when,
+)
 from sidecar.simulator.faults import FAULT_KINDS, TARGETS, VARIANTS, parse_fault
 from sidecar.simulator.identity import parse_denials
 from sidecar.simulator.impact import seconds_field
@@ -35,7 +40,7 @@ ENDPOINTS: tuple[tuple[str, str, str], ...] = (
     (
         "GET",
         "/control/settings",
-        "runtime settings (started_seconds, arm_retry_after, arm_page_size)",
+        "runtime settings (started_seconds, arm_retry_after, arm_page_size, start_when, ...)",
     ),
     ("PATCH", "/control/settings", "change runtime settings"),
     ("GET", "/control/events", "the Scheduled Events document plus internals and approvals"),
@@ -44,7 +49,7 @@ ENDPOINTS: tuple[tuple[str, str, str], ...] = (
     (
         "PATCH",
         "/control/events/{id}",
-        "change not_before / not_before_in / resources / started_for / linger / impact_*",
+        "change not_before(_in) / resources / started_for / linger / impact_* / start_when",
     ),
     ("DELETE", "/control/events/{id}", "cancel one event (it leaves the document)"),
     ("POST", "/control/events/{id}/start", "start an event now, as the platform would"),
@@ -173,6 +178,7 @@ async def post_events(request: web.Request) -> web.Response:
             now=now,
             default_vm=world.config.default_vm,
             started_seconds=world.settings.started_seconds,
+            start_when=world.settings.start_when,
         )
         for item in items
     ]
@@ -188,7 +194,9 @@ async def delete_events(request: web.Request) -> web.Response:
 
 
 _TIMING_KEYS = ("linger", "impact_after", "impact_seconds")
-_PATCH_KEYS = frozenset({"not_before", "not_before_in", "resources", "started_for", *_TIMING_KEYS})
+_PATCH_KEYS = frozenset(
+    {"not_before", "not_before_in", "resources", "started_for", "start_when", *_TIMING_KEYS}
+)
 
 
 @routes.patch("/control/events/{event_id}")
@@ -226,6 +234,7 @@ async def patch_event(request: web.Request) -> web.Response:
         started_for=float(started_for) if started_for is not None else None,
         change_started_for="started_for" in body,
         timing=timing,
+        start_when=parse_start_when(body["start_when"]) if "start_when" in body else None,
     )
     return control_json(world.events.describe(event))
 

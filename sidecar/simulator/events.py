@@ -9,7 +9,9 @@ Invariants:
   after start, or ``linger`` seconds after the impact ended) are applied lazily, dated when
   they were due, before anything reads or changes the book, so the document is consistent
   whatever the polling rate;
-- the impact (see ``impact``) is invisible in IMDS: it never bumps ``DocumentIncarnation``.
+- the impact (see ``impact``) is invisible in IMDS: it never bumps ``DocumentIncarnation``;
+- an approval always starts an ``any-approval`` event; an ``all-approvals`` event starts once
+  every VM its ``Resources`` name has approved through its own view (or at NotBefore).
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from sidecar.simulator.versions import event_type_known
 
 SCHEDULED = "Scheduled"
 STARTED = "Started"
+
+ANY_APPROVAL = "any-approval"
+ALL_APPROVALS = "all-approvals"
+START_WHEN: tuple[str, ...] = (ANY_APPROVAL, ALL_APPROVALS)
+"""When approvals start an event: at the first one, or once every VM named has approved (on
+shared hardware Microsoft's platform may wait for all of them, or for NotBefore)."""
 
 DEFAULT_NOTICE: Mapping[str, float] = {
     "Freeze": 900.0,
@@ -69,6 +77,7 @@ class ScheduledEvent:
     impact: Impact = field(default_factory=Impact)
     linger: float | None = None
     """Seconds listed after the impact ended; when set it decides removal, not started_for."""
+    start_when: str = ANY_APPROVAL
 
     def removal_due(self) -> float | None:
         if self.linger is not None:
@@ -114,6 +123,7 @@ class EventSpec:
     extra: Mapping[str, Any] = field(default_factory=dict)
     impact: Impact = field(default_factory=Impact)
     linger: float | None = None
+    start_when: str = ANY_APPROVAL
 
 
 class UnknownEventError(Exception):
@@ -226,6 +236,7 @@ class EventBook:
             created_at=now,
             impact=Impact(after=spec.impact.after, seconds=spec.impact.seconds),
             linger=spec.linger,
+            start_when=spec.start_when,
         )
         self._events[key] = event
         self._bump()
@@ -263,7 +274,8 @@ class EventBook:
         remote: str,
         api_version: str = SCHEDULED_EVENTS_NEWEST,
     ) -> list[ScheduledEvent]:
-        """Record StartRequests; all named events start for every VM they name.
+        """Record StartRequests; each named event starts for every VM it names, at once or, for
+        ``all-approvals``, once the last VM named has approved.
 
         All-or-nothing: one unknown id refuses the whole request; an event ``api_version``'s
         document leaves out counts as unknown. Approving an event that has already started is
@@ -283,15 +295,22 @@ class EventBook:
         approved: list[ScheduledEvent] = []
         for event_id in event_ids:
             event = self._events[event_id.casefold()]
-            if event.status == SCHEDULED:
+            self._approvals.append(Approval(event.event_id, now, vm, remote))
+            if event.status == SCHEDULED and not self.awaiting_approval(event):
                 event.status = STARTED
                 event.started_at = now
                 changed = True
-            self._approvals.append(Approval(event.event_id, now, vm, remote))
             approved.append(event)
         if changed:
             self._bump()
         return approved
+
+    def awaiting_approval(self, event: ScheduledEvent) -> list[str]:
+        """The VMs an ``all-approvals`` event still waits for (none once it has started)."""
+        if event.status != SCHEDULED or event.start_when != ALL_APPROVALS:
+            return []
+        approved = {a.vm.casefold() for a in self._approvals if a.event_id == event.event_id}
+        return [name for name in event.resources if name.casefold() not in approved]
 
     def update(
         self,
@@ -302,9 +321,12 @@ class EventBook:
         started_for: float | None = None,
         change_started_for: bool = False,
         timing: Mapping[str, float | None] | None = None,
+        start_when: str | None = None,
     ) -> ScheduledEvent:
         """Change what the control API may change; ``timing`` holds the keys given among
-        ``linger``, ``impact_after`` and ``impact_seconds`` (none of them visible in IMDS)."""
+        ``linger``, ``impact_after`` and ``impact_seconds`` (none of them visible in IMDS).
+
+        An ``all-approvals`` event whose VMs have now all approved starts now."""
         event = self._require(event_id)
         changed = False
         if not_before is not None:
@@ -325,6 +347,13 @@ class EventBook:
                 event.impact.after = value if value is not None else 0.0
             elif key == "impact_seconds":
                 event.impact.seconds = value
+        if start_when is not None:
+            event.start_when = start_when
+        approved = any(a.event_id == event.event_id for a in self._approvals)
+        if event.status == SCHEDULED and approved and not self.awaiting_approval(event):
+            event.status = STARTED
+            event.started_at = self._clock()
+            changed = True
         if changed:
             self._bump()
         self.advance()
@@ -359,6 +388,8 @@ class EventBook:
             "removal_at": iso8601(removal) if removal is not None else None,
             "created_at": iso8601(event.created_at),
             **event.impact.describe(event.started_at, self._clock()),
+            "start_when": event.start_when,
+            "awaiting_approval": self.awaiting_approval(event),
             "approvals": [a.to_json() for a in self._approvals if a.event_id == event.event_id],
         }
 
@@ -390,12 +421,18 @@ _SPEC_KEYS = frozenset(
         "impact_after",
         "impact_seconds",
         "linger",
+        "start_when",
     }
 )
 
 
 def parse_event_spec(
-    body: object, *, now: float, default_vm: str, started_seconds: float
+    body: object,
+    *,
+    now: float,
+    default_vm: str,
+    started_seconds: float,
+    start_when: str = ANY_APPROVAL,
 ) -> EventSpec:
     """Validate one control-API event object; unknown keys are refused to catch typos."""
     if not isinstance(body, dict):
@@ -426,7 +463,14 @@ def parse_event_spec(
         extra=_extra(body),
         impact=parse_impact(body, event_type=event_type, duration=duration),
         linger=seconds_field(body, "linger", None, nullable=True),
+        start_when=parse_start_when(body.get("start_when", start_when)),
     )
+
+
+def parse_start_when(value: object) -> str:
+    if value not in START_WHEN:
+        raise ControlError(400, f"'start_when' must be one of {', '.join(START_WHEN)}")
+    return str(value)
 
 
 def parse_resources(value: object) -> list[str]:

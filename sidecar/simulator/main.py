@@ -84,6 +84,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="NICs per ARM list page, with nextLink paging; 0 = one page (%(default)s)",
     )
     parser.add_argument(
+        "--start-when",
+        choices=("any-approval", "all-approvals"),
+        default=defaults.start_when,
+        help="when approvals start an event: at the first, or once every VM it names has "
+        "approved (or at NotBefore) (%(default)s)",
+    )
+    parser.add_argument(
         "--ready-file", type=Path, default=None, help="once listening, write the URLs here as JSON"
     )
     parser.add_argument(
@@ -112,6 +119,7 @@ def options_from_args(args: argparse.Namespace) -> SimulatorOptions:
         arm_page_size=args.arm_page_size,
         ready_file=args.ready_file,
         schedule=tuple(args.schedule),
+        start_when=args.start_when,
     )
 
 

@@ -55,3 +55,4 @@ class SimulatorOptions:
     arm_page_size: int = 0
     ready_file: Path | None = None
     schedule: tuple[ScheduleSpec, ...] = ()
+    start_when: str = "any-approval"
