@@ -127,6 +127,10 @@ def test_lifecycle_flags_map_to_options() -> None:
     assert options.start_when == "all-approvals"
     with pytest.raises(SystemExit):
         parser.parse_args(["--start-when", "whenever"])
+    assert parser.parse_args([]).warmup_seconds == 0.0
+    assert options_from_args(parser.parse_args(["--warmup-seconds", "70"])).warmup_seconds == 70
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--warmup-seconds", "-1"])
 
 
 def test_simulator_imports_nothing_else_of_the_sidecar() -> None:

@@ -315,3 +315,93 @@ def test_start_when_flag() -> None:
         sim.control("PATCH", "/settings", {"start_when": "any-approval"})
         sim.control("POST", "/reset")
         assert sim.control("GET", "/settings").json()["start_when"] == "all-approvals"
+
+
+# The service starting up -------------------------------------------------------------------
+
+SE_PATH = "/metadata/scheduledevents?api-version=2020-07-01"
+
+
+def test_no_warmup_by_default(sim: RunningSimulator) -> None:
+    settings = sim.control("GET", "/settings").json()
+    assert (settings["warmup_seconds"], settings["warmup_status"]) == (0.0, 410)
+    assert sim.imds(SE_PATH, vm="fresh-vm").status == 200
+
+
+def test_each_vm_warms_up_from_its_first_call(sim: RunningSimulator, clock: FakeClock) -> None:
+    sim.control("PATCH", "/settings", {"warmup_seconds": 70})
+    created = sim.add_event(type="Reboot", resources=["web-1", "web-2"])
+    first = sim.imds(SE_PATH)
+    assert first.status == 410
+    assert first.json() == {"error": "Gone"}
+    clock.advance(30)
+    # An approval while warming up is refused and changes nothing.
+    assert sim.approve(created["EventId"]).status == 410
+    assert sim.control("GET", "/approvals").json() == []
+    # web-2's service is enabled by web-2's own first call, 30 s later.
+    assert sim.imds(SE_PATH, vm="web-2").status == 410
+    clock.advance(39.9)
+    assert sim.imds(SE_PATH).status == 410
+    clock.advance(0.2)  # 70.1 s after web-1's first call
+    assert sim.events()["Events"][0]["EventStatus"] == "Scheduled"
+    assert sim.imds(SE_PATH, vm="web-2").status == 410  # 40.1 s after web-2's
+    clock.advance(30)
+    assert sim.approve(created["EventId"], vm="web-2").status == 200
+    assert sim.events(vm="web-2")["Events"][0]["EventStatus"] == "Started"
+    # Other IMDS endpoints never warm up.
+    assert sim.imds("/metadata/instance?api-version=2021-02-01", vm="web-3").status == 200
+    statuses = [e["status"] for e in sim.control("GET", "/requests").json()["log"]]
+    assert statuses.count(410) == 5
+
+
+def test_warmup_can_answer_404(sim: RunningSimulator, clock: FakeClock) -> None:
+    sim.control("PATCH", "/settings", {"warmup_seconds": 5, "warmup_status": 404})
+    reply = sim.imds(SE_PATH)
+    assert (reply.status, reply.json()) == (404, {"error": "Not found"})
+    clock.advance(5)
+    assert sim.imds(SE_PATH).status == 200
+    for bad in ({"warmup_status": 503}, {"warmup_status": True}, {"warmup_seconds": -1}):
+        assert sim.control("PATCH", "/settings", bad).status == 400
+
+
+def test_a_silent_day_turns_the_service_off(sim: RunningSimulator, clock: FakeClock) -> None:
+    sim.control("PATCH", "/settings", {"warmup_seconds": 10})
+    assert sim.imds(SE_PATH).status == 410
+    clock.advance(10)
+    assert sim.imds(SE_PATH).status == 200
+    clock.advance(24 * 3600 - 1)
+    assert sim.imds(SE_PATH).status == 200  # called within the day: still on
+    clock.advance(24 * 3600)
+    assert sim.imds(SE_PATH).status == 410  # a day without calls: enabled (and warming) again
+    clock.advance(10)
+    assert sim.imds(SE_PATH).status == 200
+
+
+def test_patching_warmup_rearms_every_vm(sim: RunningSimulator, clock: FakeClock) -> None:
+    assert sim.imds(SE_PATH).status == 200  # enabled with no warm-up
+    sim.control("PATCH", "/settings", {"warmup_seconds": 3})
+    assert sim.imds(SE_PATH).status == 410
+    clock.advance(3)
+    assert sim.imds(SE_PATH).status == 200
+    sim.control("PATCH", "/settings", {"started_seconds": 5})  # other settings do not re-arm
+    assert sim.imds(SE_PATH).status == 200
+
+
+def test_refused_requests_do_not_enable_the_service(
+    sim: RunningSimulator, clock: FakeClock
+) -> None:
+    sim.control("PATCH", "/settings", {"warmup_seconds": 10})
+    assert sim.imds(SE_PATH, headers={}).status == 400
+    clock.advance(20)
+    assert sim.imds(SE_PATH).status == 410  # the first valid call enables it
+
+
+def test_warmup_flag(clock: FakeClock) -> None:
+    options = quick_options(arm=False, warmup_seconds=70)
+    with RunningSimulator(options, clock=clock) as sim:
+        assert sim.control("GET", "/settings").json()["warmup_seconds"] == 70
+        assert sim.imds(SE_PATH).status == 410
+        clock.advance(70)
+        assert sim.imds(SE_PATH).status == 200
+        sim.control("POST", "/reset")  # a reset forgets which VMs enabled the service
+        assert sim.imds(SE_PATH).status == 410

@@ -145,7 +145,10 @@ async def get_settings(request: web.Request) -> web.Response:
 @endpoint
 async def patch_settings(request: web.Request) -> web.Response:
     world = request.app[WORLD]
-    world.settings.update(await read_json(request))
+    body = await read_json(request)
+    world.settings.update(body)
+    if "warmup_seconds" in body:
+        world.warmup.disable_all()  # so each VM's next call warms up under the new setting
     return control_json(world.settings.to_json())
 
 

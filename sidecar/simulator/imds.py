@@ -2,9 +2,10 @@
 
 Invariants: every IMDS answer is checked in IMDS's order (known path, method, no
 ``X-Forwarded-For``, ``Metadata: true``, no duplicate query parameter, a valid api-version for
-*that* endpoint) before anything changes; the same endpoints are served at the root (the
-default VM) and under ``/vms/{vm}`` (another VM's view, created on first use); all views share
-one Scheduled Events document and differ only in instance metadata, tokens and who approved.
+*that* endpoint, then Scheduled Events' warm-up) before anything changes; the same endpoints
+are served at the root (the default VM) and under ``/vms/{vm}`` (another VM's view, created on
+first use); all views share one Scheduled Events document and differ only in instance
+metadata, tokens and who approved.
 """
 
 from __future__ import annotations
@@ -96,10 +97,22 @@ def _bad_version(accepted: tuple[str, ...]) -> web.Response:
     return imds_json({"error": BAD_VERSION, "newest-versions": newest(accepted)}, 400)
 
 
+def _warming_up(world: World, vm_name: str) -> web.Response | None:
+    """The answer while this VM's Scheduled Events service is being enabled (see ``warmup``)."""
+    settings = world.settings
+    if not world.warmup.warming(vm_name, world.now(), settings.warmup_seconds):
+        return None
+    status = settings.warmup_status
+    return imds_error(status, "Not found" if status == 404 else "Gone")
+
+
 def _scheduled_events(world: World, request: web.Request, vm_name: str) -> web.Response:
     version = _version(request, SCHEDULED_EVENTS_VERSIONS)
     if version is None:
         return _bad_version(SCHEDULED_EVENTS_VERSIONS)
+    warming = _warming_up(world, vm_name)
+    if warming is not None:
+        return warming
     world.ensure_vm(vm_name)
     return imds_json(world.events.document(version))
 
@@ -108,6 +121,9 @@ async def _approve(world: World, request: web.Request, vm_name: str) -> web.Resp
     version = _version(request, SCHEDULED_EVENTS_VERSIONS)
     if version is None:
         return _bad_version(SCHEDULED_EVENTS_VERSIONS)
+    warming = _warming_up(world, vm_name)
+    if warming is not None:
+        return warming
     event_ids = _start_requests(await request.read())
     if event_ids is None:
         return imds_error(400, 'Bad request. Expected {"StartRequests": [{"EventId": "..."}]}')

@@ -56,3 +56,4 @@ class SimulatorOptions:
     ready_file: Path | None = None
     schedule: tuple[ScheduleSpec, ...] = ()
     start_when: str = "any-approval"
+    warmup_seconds: float = 0.0

@@ -34,6 +34,7 @@ from sidecar.simulator.network import Nic, NicStore
 from sidecar.simulator.times import Clock
 from sidecar.simulator.traffic import RequestLog
 from sidecar.simulator.vms import UNIFORM, Vm
+from sidecar.simulator.warmup import Warmup, parse_warmup_status
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class WorldConfig:
     schedule: tuple[tuple[str, float | None], ...] = ()
     """Events (type, seconds until NotBefore or None for the type's notice) at start-up."""
     start_when: str = ANY_APPROVAL
+    warmup_seconds: float = 0.0
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Settings:
     arm_retry_after: float
     arm_page_size: int
     start_when: str = ANY_APPROVAL
+    warmup_seconds: float = 0.0
+    warmup_status: int = 410
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,16 +71,19 @@ class Settings:
             "arm_retry_after": self.arm_retry_after,
             "arm_page_size": self.arm_page_size,
             "start_when": self.start_when,
+            "warmup_seconds": self.warmup_seconds,
+            "warmup_status": self.warmup_status,
         }
 
     def update(self, body: object) -> None:
         if not isinstance(body, dict):
             raise ControlError(400, "settings must be a JSON object")
         known = {"started_seconds", "arm_retry_after", "arm_page_size", "start_when"}
+        known |= {"warmup_seconds", "warmup_status"}
         unknown = sorted(set(body) - known)
         if unknown:
             raise ControlError(400, f"unknown settings: {', '.join(unknown)}")
-        for key in ("started_seconds", "arm_retry_after"):
+        for key in ("started_seconds", "arm_retry_after", "warmup_seconds"):
             if key in body:
                 value = body[key]
                 if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
@@ -91,6 +98,8 @@ class Settings:
             self.arm_page_size = size
         if "start_when" in body:
             self.start_when = parse_start_when(body["start_when"])
+        if "warmup_status" in body:
+            self.warmup_status = parse_warmup_status(body["warmup_status"])
 
 
 class World:
@@ -110,6 +119,8 @@ class World:
             config.started_seconds, config.arm_retry_after, config.arm_page_size
         )
         self.settings.start_when = config.start_when
+        self.settings.warmup_seconds = config.warmup_seconds
+        self.warmup = Warmup()
         self.events = EventBook(self.clock, incarnation)
         self.vms: dict[str, Vm] = {}
         self.nics = NicStore()
