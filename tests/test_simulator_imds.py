@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from sidecar.simulator.options import ScheduleSpec
-from sidecar.simulator.times import parse_time
+from sidecar.simulator.times import dotnet_general, parse_time
 from tests.simulator_helpers import (
     INSTANCE_VERSION,
     SE_VERSION,
@@ -427,3 +427,80 @@ def test_token_errors(sim: RunningSimulator) -> None:
     assert unknown.status == 400
     assert "Identity not found" in unknown.json()["error_description"]
     assert sim.imds(f"{base}&resource=r&client_id=allowed-id", vm="locked").status == 200
+
+
+# The 2016 preview ("In-VM Metadata service") --------------------------------------------------
+
+
+def test_maintenance_is_empty_without_an_event_for_this_vm(sim: RunningSimulator) -> None:
+    sim.add_event(type="Reboot", resources=["web-2"])
+    reply = sim.imds("/metadata/v1/maintenance", headers={})  # no Metadata header in 2016
+    assert reply.status == 200
+    assert reply.json() == {}
+    assert reply.headers["Content-Type"].startswith("application/json")
+
+
+def test_maintenance_shows_the_earliest_event_naming_the_vm(
+    sim: RunningSimulator, clock: FakeClock
+) -> None:
+    clock.now = 1442299371.4  # 2015-09-15 06:42:51.4 UTC
+    later = sim.add_event(type="Reboot", resources=["web-2", "WEB-1"], not_before_in=600)
+    clock.advance(60)
+    sooner = sim.add_event(type="Freeze", resources=["web-2"], not_before_in=300)
+    sim.add_event(type="Preempt", resources=["web-2"], not_before_in=30)  # unknown in 2016
+    reply = sim.imds("/metadata/v1/maintenance", vm="web-2", headers={})
+    assert reply.json() == {
+        "EventID": sooner["EventId"],
+        "EventCreationTime": "9/15/2015 6:43:51 AM",
+    }
+    # .NET's serializer escaped "/" as "\/"; any JSON parser reads the same value.
+    assert b'"9\\/15\\/2015 6:43:51 AM"' in reply.body
+    mine = sim.imds("/metadata/v1/maintenance", headers={"Metadata": "true"}).json()
+    assert mine == {"EventID": later["EventId"], "EventCreationTime": "9/15/2015 6:42:51 AM"}
+    # A started event comes first; once it has left the document, the next one shows.
+    sim.control("POST", f"/events/{later['EventId']}/start")
+    assert sim.imds("/metadata/v1/maintenance", vm="web-2").json()["EventID"] == later["EventId"]
+    sim.control("DELETE", f"/events/{later['EventId']}")
+    assert sim.imds("/metadata/v1/maintenance", vm="web-2").json()["EventID"] == sooner["EventId"]
+    assert sim.imds("/metadata/v1/maintenance").json() == {}
+
+
+def test_event_creation_time_is_dotnet_general_form() -> None:
+    assert dotnet_general(1442299371.9) == "9/15/2015 6:42:51 AM"
+    assert dotnet_general(1442318400.0) == "9/15/2015 12:00:00 PM"
+    assert dotnet_general(1451606399.0) == "12/31/2015 11:59:59 PM"
+    assert dotnet_general(1451606400.0) == "1/1/2016 12:00:00 AM"
+
+
+def test_instance_info(sim: RunningSimulator) -> None:
+    reply = sim.imds("/metadata/v1/InstanceInfo", headers={})
+    assert reply.status == 200
+    info = reply.json()
+    assert list(info) == ["ID", "UD", "FD"]
+    assert info["ID"] == "_web-1"
+    compute = sim.imds(COMPUTE_PATH).json()
+    assert info["UD"] == compute["platformUpdateDomain"]
+    assert info["FD"] == compute["platformFaultDomain"]
+    sim.control("POST", "/vms", {"scale_set": "web-vmss", "instance_id": "3"})
+    scale_set = sim.imds("/metadata/v1/instanceinfo", vm="web-vmss_3", headers={}).json()
+    assert scale_set["ID"] == "_web-vmss_3"
+
+
+def test_preview_requests_are_counted_and_faultable(sim: RunningSimulator) -> None:
+    sim.control("DELETE", "/requests")
+    sim.control("POST", "/faults", {"target": "imds", "kind": "status", "status": 500, "count": 2})
+    assert sim.imds("/metadata/v1/maintenance", headers={}).status == 500
+    assert sim.imds("/metadata/v1/InstanceInfo", vm="web-2", headers={}).status == 500
+    assert sim.imds("/metadata/v1/maintenance", headers={}).status == 200
+    counts = sim.control("GET", "/requests").json()["counts"]
+    assert counts == {"GET instanceinfo": 1, "GET maintenance": 2}
+    sim.control("POST", "/faults", {"target": "instanceinfo", "kind": "answer", "body": "x"})
+    assert sim.imds("/metadata/v1/InstanceInfo", headers={}).body == b"x"
+    assert sim.imds("/metadata/v1/maintenance", headers={}).status == 200
+
+
+def test_preview_paths_and_methods(sim: RunningSimulator) -> None:
+    assert sim.imds("/metadata/v1/maintenance", method="POST", body={}).status == 405
+    assert sim.imds("/metadata/v1/other", headers={}).status == 404
+    assert sim.imds("/metadata/v1", headers={}).status == 404
+    assert sim.imds("/metadata/V1/MAINTENANCE", headers={}).json() == {}

@@ -27,6 +27,8 @@ IMDS_KINDS: tuple[str, ...] = (
     "instance",
     "token",
     "versions",
+    "maintenance",
+    "instanceinfo",
 )
 ARM_KINDS: tuple[str, ...] = ("arm-list", "arm-get", "arm-put", "arm-operation")
 GROUPS: Mapping[str, tuple[str, ...]] = {
