@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from sidecar.simulator.main import configure_parser, options_from_args
 from sidecar.simulator.options import ScheduleSpec, SimulatorOptions
 from tests.simulator_helpers import request, wait_for
@@ -115,6 +117,20 @@ def test_flags_map_to_options() -> None:
     options = options_from_args(args)
     assert options.port == 0 and not options.arm
     assert options.schedule == (ScheduleSpec("Freeze", 1.5), ScheduleSpec("Custom"))
+
+
+def test_lifecycle_flags_map_to_options() -> None:
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert parser.parse_args([]).start_when == "any-approval"
+    options = options_from_args(parser.parse_args(["--start-when", "all-approvals"]))
+    assert options.start_when == "all-approvals"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--start-when", "whenever"])
+    assert parser.parse_args([]).warmup_seconds == 0.0
+    assert options_from_args(parser.parse_args(["--warmup-seconds", "70"])).warmup_seconds == 70
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--warmup-seconds", "-1"])
 
 
 def test_simulator_imports_nothing_else_of_the_sidecar() -> None:

@@ -8,7 +8,8 @@ import uuid
 
 import pytest
 
-from sidecar.simulator.times import parse_time
+from sidecar.simulator.options import ScheduleSpec
+from sidecar.simulator.times import dotnet_general, parse_time
 from tests.simulator_helpers import (
     INSTANCE_VERSION,
     SE_VERSION,
@@ -116,6 +117,63 @@ def test_not_before_is_rfc1123_and_empty_once_started(
     (started,) = sim.events()["Events"]
     assert started["EventStatus"] == "Started"
     assert started["NotBefore"] == ""
+
+
+TYPES_BY_VERSION = {
+    "2017-03-01": {"Reboot", "Redeploy", "Freeze", "Hibernate"},
+    "2017-08-01": {"Reboot", "Redeploy", "Freeze", "Hibernate"},
+    "2017-11-01": {"Reboot", "Redeploy", "Freeze", "Hibernate", "Preempt"},
+    "2019-01-01": {"Reboot", "Redeploy", "Freeze", "Hibernate", "Preempt", "Terminate"},
+    "2020-07-01": {"Reboot", "Redeploy", "Freeze", "Hibernate", "Preempt", "Terminate"},
+}
+
+
+@pytest.mark.parametrize(("version", "shown"), sorted(TYPES_BY_VERSION.items()))
+def test_event_types_appear_from_the_version_that_introduced_them(
+    sim: RunningSimulator, version: str, shown: set[str]
+) -> None:
+    # Preempt came with 2017-11-01, Terminate with 2019-01-01; unknown types are always shown.
+    for event_type in ("Reboot", "Redeploy", "Freeze", "Preempt", "Terminate", "Hibernate"):
+        sim.add_event(type=event_type)
+    document = sim.events(version)
+    assert {event["EventType"] for event in document["Events"]} == shown
+    assert document["DocumentIncarnation"] == sim.events()["DocumentIncarnation"] == 6
+
+
+def test_an_older_version_cannot_approve_what_it_does_not_show(sim: RunningSimulator) -> None:
+    terminate = sim.add_event(type="Terminate")
+    body = {"StartRequests": [{"EventId": terminate["EventId"]}]}
+    old = sim.imds("/metadata/scheduledevents?api-version=2017-11-01", method="POST", body=body)
+    assert old.status == 400
+    assert "Unknown EventId" in old.json()["error"]
+    assert sim.events()["Events"][0]["EventStatus"] == "Scheduled"
+    assert sim.approve(terminate["EventId"]).status == 200
+    assert sim.events()["Events"][0]["EventStatus"] == "Started"
+
+
+@pytest.mark.parametrize("event_type", ["Reboot", "Redeploy", "Freeze", "Preempt", "Terminate"])
+@pytest.mark.parametrize("status", ["Scheduled", "Started"])
+def test_every_event_carries_event_source_and_duration(
+    sim: RunningSimulator, event_type: str, status: str
+) -> None:
+    sim.add_event(type=event_type, status=status, started_for=None)
+    sim.add_event(type=event_type, status=status, duration=9, source="User", started_for=None)
+    plain, custom = sim.events()["Events"]
+    assert (plain["EventSource"], plain["DurationInSeconds"]) == ("Platform", -1)
+    assert (custom["EventSource"], custom["DurationInSeconds"]) == ("User", 9)
+    assert "EventSource" in sim.events("2019-08-01")["Events"][0]
+    assert "DurationInSeconds" not in sim.events("2019-08-01")["Events"][0]
+
+
+def test_approved_and_scheduled_at_start_up_events_keep_source_and_duration() -> None:
+    options = quick_options(arm=False, schedule=(ScheduleSpec("Freeze", 60.0),))
+    with RunningSimulator(options) as sim:
+        (event,) = sim.events()["Events"]
+        assert (event["EventSource"], event["DurationInSeconds"]) == ("Platform", -1)
+        assert sim.approve(event["EventId"]).status == 200
+        (started,) = sim.events()["Events"]
+        assert started["EventStatus"] == "Started"
+        assert (started["EventSource"], started["DurationInSeconds"]) == ("Platform", -1)
 
 
 def test_empty_document(sim: RunningSimulator) -> None:
@@ -369,3 +427,80 @@ def test_token_errors(sim: RunningSimulator) -> None:
     assert unknown.status == 400
     assert "Identity not found" in unknown.json()["error_description"]
     assert sim.imds(f"{base}&resource=r&client_id=allowed-id", vm="locked").status == 200
+
+
+# The 2016 preview ("In-VM Metadata service") --------------------------------------------------
+
+
+def test_maintenance_is_empty_without_an_event_for_this_vm(sim: RunningSimulator) -> None:
+    sim.add_event(type="Reboot", resources=["web-2"])
+    reply = sim.imds("/metadata/v1/maintenance", headers={})  # no Metadata header in 2016
+    assert reply.status == 200
+    assert reply.json() == {}
+    assert reply.headers["Content-Type"].startswith("application/json")
+
+
+def test_maintenance_shows_the_earliest_event_naming_the_vm(
+    sim: RunningSimulator, clock: FakeClock
+) -> None:
+    clock.now = 1442299371.4  # 2015-09-15 06:42:51.4 UTC
+    later = sim.add_event(type="Reboot", resources=["web-2", "WEB-1"], not_before_in=600)
+    clock.advance(60)
+    sooner = sim.add_event(type="Freeze", resources=["web-2"], not_before_in=300)
+    sim.add_event(type="Preempt", resources=["web-2"], not_before_in=30)  # unknown in 2016
+    reply = sim.imds("/metadata/v1/maintenance", vm="web-2", headers={})
+    assert reply.json() == {
+        "EventID": sooner["EventId"],
+        "EventCreationTime": "9/15/2015 6:43:51 AM",
+    }
+    # .NET's serializer escaped "/" as "\/"; any JSON parser reads the same value.
+    assert b'"9\\/15\\/2015 6:43:51 AM"' in reply.body
+    mine = sim.imds("/metadata/v1/maintenance", headers={"Metadata": "true"}).json()
+    assert mine == {"EventID": later["EventId"], "EventCreationTime": "9/15/2015 6:42:51 AM"}
+    # A started event comes first; once it has left the document, the next one shows.
+    sim.control("POST", f"/events/{later['EventId']}/start")
+    assert sim.imds("/metadata/v1/maintenance", vm="web-2").json()["EventID"] == later["EventId"]
+    sim.control("DELETE", f"/events/{later['EventId']}")
+    assert sim.imds("/metadata/v1/maintenance", vm="web-2").json()["EventID"] == sooner["EventId"]
+    assert sim.imds("/metadata/v1/maintenance").json() == {}
+
+
+def test_event_creation_time_is_dotnet_general_form() -> None:
+    assert dotnet_general(1442299371.9) == "9/15/2015 6:42:51 AM"
+    assert dotnet_general(1442318400.0) == "9/15/2015 12:00:00 PM"
+    assert dotnet_general(1451606399.0) == "12/31/2015 11:59:59 PM"
+    assert dotnet_general(1451606400.0) == "1/1/2016 12:00:00 AM"
+
+
+def test_instance_info(sim: RunningSimulator) -> None:
+    reply = sim.imds("/metadata/v1/InstanceInfo", headers={})
+    assert reply.status == 200
+    info = reply.json()
+    assert list(info) == ["ID", "UD", "FD"]
+    assert info["ID"] == "_web-1"
+    compute = sim.imds(COMPUTE_PATH).json()
+    assert info["UD"] == compute["platformUpdateDomain"]
+    assert info["FD"] == compute["platformFaultDomain"]
+    sim.control("POST", "/vms", {"scale_set": "web-vmss", "instance_id": "3"})
+    scale_set = sim.imds("/metadata/v1/instanceinfo", vm="web-vmss_3", headers={}).json()
+    assert scale_set["ID"] == "_web-vmss_3"
+
+
+def test_preview_requests_are_counted_and_faultable(sim: RunningSimulator) -> None:
+    sim.control("DELETE", "/requests")
+    sim.control("POST", "/faults", {"target": "imds", "kind": "status", "status": 500, "count": 2})
+    assert sim.imds("/metadata/v1/maintenance", headers={}).status == 500
+    assert sim.imds("/metadata/v1/InstanceInfo", vm="web-2", headers={}).status == 500
+    assert sim.imds("/metadata/v1/maintenance", headers={}).status == 200
+    counts = sim.control("GET", "/requests").json()["counts"]
+    assert counts == {"GET instanceinfo": 1, "GET maintenance": 2}
+    sim.control("POST", "/faults", {"target": "instanceinfo", "kind": "answer", "body": "x"})
+    assert sim.imds("/metadata/v1/InstanceInfo", headers={}).body == b"x"
+    assert sim.imds("/metadata/v1/maintenance", headers={}).status == 200
+
+
+def test_preview_paths_and_methods(sim: RunningSimulator) -> None:
+    assert sim.imds("/metadata/v1/maintenance", method="POST", body={}).status == 405
+    assert sim.imds("/metadata/v1/other", headers={}).status == 404
+    assert sim.imds("/metadata/v1", headers={}).status == 404
+    assert sim.imds("/metadata/V1/MAINTENANCE", headers={}).json() == {}

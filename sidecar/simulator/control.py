@@ -19,9 +19,15 @@ from aiohttp import web
 from sidecar.simulator import ids
 from sidecar.simulator.endpoints import URLS, WORLD, SimulatorUrls
 from sidecar.simulator.errors import ArmError, ControlError
-from sidecar.simulator.events import parse_event_spec, parse_not_before, parse_resources
+from sidecar.simulator.events import (
+    parse_event_spec,
+    parse_not_before,
+    parse_resources,
+    parse_start_when,
+)
 from sidecar.simulator.faults import FAULT_KINDS, TARGETS, VARIANTS, parse_fault
 from sidecar.simulator.identity import parse_denials
+from sidecar.simulator.impact import seconds_field
 from sidecar.simulator.network import Nic, custom_nic
 from sidecar.simulator.responses import control_error, control_json
 from sidecar.simulator.vms import Vm, parse_vm
@@ -34,7 +40,7 @@ ENDPOINTS: tuple[tuple[str, str, str], ...] = (
     (
         "GET",
         "/control/settings",
-        "runtime settings (started_seconds, arm_retry_after, arm_page_size)",
+        "runtime settings (started_seconds, arm_retry_after, arm_page_size, start_when, ...)",
     ),
     ("PATCH", "/control/settings", "change runtime settings"),
     ("GET", "/control/events", "the Scheduled Events document plus internals and approvals"),
@@ -43,10 +49,12 @@ ENDPOINTS: tuple[tuple[str, str, str], ...] = (
     (
         "PATCH",
         "/control/events/{id}",
-        "change not_before / not_before_in / resources / started_for",
+        "change not_before(_in) / resources / started_for / linger / impact_* / start_when",
     ),
     ("DELETE", "/control/events/{id}", "cancel one event (it leaves the document)"),
     ("POST", "/control/events/{id}/start", "start an event now, as the platform would"),
+    ("POST", "/control/events/{id}/impact", "the impact begins now (starts the event first)"),
+    ("POST", "/control/events/{id}/impact/end", "the impact is over now"),
     ("GET", "/control/approvals", "StartRequests received, in order"),
     ("DELETE", "/control/approvals", "forget the approvals"),
     ("GET", "/control/requests", "request counts by 'METHOD kind' plus a log (?limit=N)"),
@@ -137,7 +145,10 @@ async def get_settings(request: web.Request) -> web.Response:
 @endpoint
 async def patch_settings(request: web.Request) -> web.Response:
     world = request.app[WORLD]
-    world.settings.update(await read_json(request))
+    body = await read_json(request)
+    world.settings.update(body)
+    if "warmup_seconds" in body:
+        world.warmup.disable_all()  # so each VM's next call warms up under the new setting
     return control_json(world.settings.to_json())
 
 
@@ -170,6 +181,7 @@ async def post_events(request: web.Request) -> web.Response:
             now=now,
             default_vm=world.config.default_vm,
             started_seconds=world.settings.started_seconds,
+            start_when=world.settings.start_when,
         )
         for item in items
     ]
@@ -184,7 +196,10 @@ async def delete_events(request: web.Request) -> web.Response:
     return control_json({"cancelled": world.events.clear()})
 
 
-_PATCH_KEYS = frozenset({"not_before", "not_before_in", "resources", "started_for"})
+_TIMING_KEYS = ("linger", "impact_after", "impact_seconds")
+_PATCH_KEYS = frozenset(
+    {"not_before", "not_before_in", "resources", "started_for", "start_when", *_TIMING_KEYS}
+)
 
 
 @routes.patch("/control/events/{event_id}")
@@ -210,12 +225,19 @@ async def patch_event(request: web.Request) -> web.Response:
         not isinstance(started_for, int | float) or isinstance(started_for, bool) or started_for < 0
     ):
         raise ControlError(400, "'started_for' must be a non-negative number or null")
+    timing = {
+        key: seconds_field(body, key, None, nullable=key != "impact_after")
+        for key in _TIMING_KEYS
+        if key in body
+    }
     event = world.events.update(
         event_id,
         not_before=not_before,
         resources=resources,
         started_for=float(started_for) if started_for is not None else None,
         change_started_for="started_for" in body,
+        timing=timing,
+        start_when=parse_start_when(body["start_when"]) if "start_when" in body else None,
     )
     return control_json(world.events.describe(event))
 
@@ -233,6 +255,22 @@ async def delete_event(request: web.Request) -> web.Response:
 async def start_event(request: web.Request) -> web.Response:
     world = request.app[WORLD]
     event = world.events.start(request.match_info["event_id"])
+    return control_json(world.events.describe(event))
+
+
+@routes.post("/control/events/{event_id}/impact")
+@endpoint
+async def begin_impact(request: web.Request) -> web.Response:
+    world = request.app[WORLD]
+    event = world.events.begin_impact(request.match_info["event_id"])
+    return control_json(world.events.describe(event))
+
+
+@routes.post("/control/events/{event_id}/impact/end")
+@endpoint
+async def end_impact(request: web.Request) -> web.Response:
+    world = request.app[WORLD]
+    event = world.events.end_impact(request.match_info["event_id"])
     return control_json(world.events.describe(event))
 
 

@@ -6,8 +6,12 @@ Invariants:
 - every visible change (add, start, approval, cancel, removal, NotBefore or Resources change)
   bumps ``DocumentIncarnation``, which never goes down;
 - the platform's own moves (start once NotBefore has passed, removal ``started_for`` seconds
-  after start) are applied lazily, dated when they were due, before anything reads or changes
-  the book, so the document is consistent whatever the polling rate.
+  after start, or ``linger`` seconds after the impact ended) are applied lazily, dated when
+  they were due, before anything reads or changes the book, so the document is consistent
+  whatever the polling rate;
+- the impact (see ``impact``) is invisible in IMDS: it never bumps ``DocumentIncarnation``;
+- an approval always starts an ``any-approval`` event; an ``all-approvals`` event starts once
+  every VM its ``Resources`` name has approved through its own view (or at NotBefore).
 """
 
 from __future__ import annotations
@@ -19,10 +23,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.simulator.errors import ControlError
+from sidecar.simulator.impact import Impact, parse_impact, seconds_field
 from sidecar.simulator.times import Clock, iso8601, parse_time, rfc1123
+from sidecar.simulator.versions import event_type_known
 
 SCHEDULED = "Scheduled"
 STARTED = "Started"
+
+ANY_APPROVAL = "any-approval"
+ALL_APPROVALS = "all-approvals"
+START_WHEN: tuple[str, ...] = (ANY_APPROVAL, ALL_APPROVALS)
+"""When approvals start an event: at the first one, or once every VM named has approved (on
+shared hardware Microsoft's platform may wait for all of them, or for NotBefore)."""
 
 DEFAULT_NOTICE: Mapping[str, float] = {
     "Freeze": 900.0,
@@ -62,8 +74,15 @@ class ScheduledEvent:
     source: str
     extra: dict[str, Any]
     created_at: float
+    impact: Impact = field(default_factory=Impact)
+    linger: float | None = None
+    """Seconds listed after the impact ended; when set it decides removal, not started_for."""
+    start_when: str = ANY_APPROVAL
 
     def removal_due(self) -> float | None:
+        if self.linger is not None:
+            end = self.impact.end(self.started_at)
+            return None if end is None else end + self.linger
         if self.started_at is None or self.started_for is None:
             return None
         return self.started_at + self.started_for
@@ -102,6 +121,9 @@ class EventSpec:
     resource_type: str
     event_id: str
     extra: Mapping[str, Any] = field(default_factory=dict)
+    impact: Impact = field(default_factory=Impact)
+    linger: float | None = None
+    start_when: str = ANY_APPROVAL
 
 
 class UnknownEventError(Exception):
@@ -180,10 +202,15 @@ class EventBook:
                 self._bump()
 
     def document(self, api_version: str) -> dict[str, Any]:
+        """What IMDS shows for ``api_version``: events of types it did not know are left out."""
         self.advance()
         return {
             "DocumentIncarnation": self._incarnation,
-            "Events": [render_event(event, api_version) for event in self._events.values()],
+            "Events": [
+                render_event(event, api_version)
+                for event in self._events.values()
+                if event_type_known(event.event_type, api_version)
+            ],
         }
 
     def add(self, spec: EventSpec) -> ScheduledEvent:
@@ -207,6 +234,9 @@ class EventBook:
             source=spec.source,
             extra=dict(spec.extra),
             created_at=now,
+            impact=Impact(after=spec.impact.after, seconds=spec.impact.seconds),
+            linger=spec.linger,
+            start_when=spec.start_when,
         )
         self._events[key] = event
         self._bump()
@@ -221,14 +251,43 @@ class EventBook:
             self._bump()
         return event
 
-    def approve(self, event_ids: Sequence[str], vm: str, remote: str) -> list[ScheduledEvent]:
-        """Record StartRequests; all named events start for every VM they name.
+    def begin_impact(self, event_id: str) -> ScheduledEvent:
+        """The impact begins now (the event starts first if it has not)."""
+        event = self.start(event_id)
+        event.impact.begin_now(event.started_at, self._clock())
+        self.advance()
+        return event
 
-        All-or-nothing: one unknown id refuses the whole request. Approving an event that has
-        already started is accepted (Microsoft documents 200 even when another VM approved it).
+    def end_impact(self, event_id: str) -> ScheduledEvent:
+        """The impact is over now; removal by ``linger`` counts from here."""
+        event = self._require(event_id)
+        if event.status == SCHEDULED:
+            raise ControlError(409, f"event {event.event_id} has not started; no impact to end")
+        event.impact.end_now(event.started_at, self._clock())
+        self.advance()
+        return event
+
+    def approve(
+        self,
+        event_ids: Sequence[str],
+        vm: str,
+        remote: str,
+        api_version: str = SCHEDULED_EVENTS_NEWEST,
+    ) -> list[ScheduledEvent]:
+        """Record StartRequests; each named event starts for every VM it names, at once or, for
+        ``all-approvals``, once the last VM named has approved.
+
+        All-or-nothing: one unknown id refuses the whole request; an event ``api_version``'s
+        document leaves out counts as unknown. Approving an event that has already started is
+        accepted (Microsoft documents 200 even when another VM approved it).
         """
         self.advance()
-        unknown = [event_id for event_id in event_ids if event_id.casefold() not in self._events]
+        unknown = [
+            event_id
+            for event_id in event_ids
+            if event_id.casefold() not in self._events
+            or not event_type_known(self._events[event_id.casefold()].event_type, api_version)
+        ]
         if unknown:
             raise UnknownEventError(unknown)
         now = self._clock()
@@ -236,15 +295,22 @@ class EventBook:
         approved: list[ScheduledEvent] = []
         for event_id in event_ids:
             event = self._events[event_id.casefold()]
-            if event.status == SCHEDULED:
+            self._approvals.append(Approval(event.event_id, now, vm, remote))
+            if event.status == SCHEDULED and not self.awaiting_approval(event):
                 event.status = STARTED
                 event.started_at = now
                 changed = True
-            self._approvals.append(Approval(event.event_id, now, vm, remote))
             approved.append(event)
         if changed:
             self._bump()
         return approved
+
+    def awaiting_approval(self, event: ScheduledEvent) -> list[str]:
+        """The VMs an ``all-approvals`` event still waits for (none once it has started)."""
+        if event.status != SCHEDULED or event.start_when != ALL_APPROVALS:
+            return []
+        approved = {a.vm.casefold() for a in self._approvals if a.event_id == event.event_id}
+        return [name for name in event.resources if name.casefold() not in approved]
 
     def update(
         self,
@@ -254,7 +320,13 @@ class EventBook:
         resources: Sequence[str] | None = None,
         started_for: float | None = None,
         change_started_for: bool = False,
+        timing: Mapping[str, float | None] | None = None,
+        start_when: str | None = None,
     ) -> ScheduledEvent:
+        """Change what the control API may change; ``timing`` holds the keys given among
+        ``linger``, ``impact_after`` and ``impact_seconds`` (none of them visible in IMDS).
+
+        An ``all-approvals`` event whose VMs have now all approved starts now."""
         event = self._require(event_id)
         changed = False
         if not_before is not None:
@@ -268,6 +340,20 @@ class EventBook:
             changed = True
         if change_started_for:
             event.started_for = started_for
+        for key, value in (timing or {}).items():
+            if key == "linger":
+                event.linger = value
+            elif key == "impact_after":
+                event.impact.after = value if value is not None else 0.0
+            elif key == "impact_seconds":
+                event.impact.seconds = value
+        if start_when is not None:
+            event.start_when = start_when
+        approved = any(a.event_id == event.event_id for a in self._approvals)
+        if event.status == SCHEDULED and approved and not self.awaiting_approval(event):
+            event.status = STARTED
+            event.started_at = self._clock()
+            changed = True
         if changed:
             self._bump()
         self.advance()
@@ -298,8 +384,12 @@ class EventBook:
             "not_before": iso8601(event.not_before) if event.not_before is not None else None,
             "started_at": iso8601(event.started_at) if event.started_at is not None else None,
             "started_for": event.started_for,
+            "linger": event.linger,
             "removal_at": iso8601(removal) if removal is not None else None,
             "created_at": iso8601(event.created_at),
+            **event.impact.describe(event.started_at, self._clock()),
+            "start_when": event.start_when,
+            "awaiting_approval": self.awaiting_approval(event),
             "approvals": [a.to_json() for a in self._approvals if a.event_id == event.event_id],
         }
 
@@ -328,12 +418,21 @@ _SPEC_KEYS = frozenset(
         "resource_type",
         "event_id",
         "extra",
+        "impact_after",
+        "impact_seconds",
+        "linger",
+        "start_when",
     }
 )
 
 
 def parse_event_spec(
-    body: object, *, now: float, default_vm: str, started_seconds: float
+    body: object,
+    *,
+    now: float,
+    default_vm: str,
+    started_seconds: float,
+    start_when: str = ANY_APPROVAL,
 ) -> EventSpec:
     """Validate one control-API event object; unknown keys are refused to catch typos."""
     if not isinstance(body, dict):
@@ -347,13 +446,14 @@ def parse_event_spec(
     status = body.get("status", SCHEDULED)
     if status not in (SCHEDULED, STARTED):
         raise ControlError(400, "'status' must be 'Scheduled' or 'Started'")
+    duration = _integer(body, "duration", -1)
     return EventSpec(
         event_type=event_type,
         resources=tuple(parse_resources(body.get("resources", [default_vm]))),
         status=status,
         not_before=parse_not_before(body, now=now, event_type=event_type),
         started_for=_optional_seconds(body, "started_for", started_seconds),
-        duration=_integer(body, "duration", -1),
+        duration=duration,
         description=_text(
             body, "description", DEFAULT_DESCRIPTIONS.get(event_type, OTHER_DESCRIPTION)
         ),
@@ -361,7 +461,16 @@ def parse_event_spec(
         resource_type=_text(body, "resource_type", "VirtualMachine"),
         event_id=_text(body, "event_id", str(uuid.uuid4())),
         extra=_extra(body),
+        impact=parse_impact(body, event_type=event_type, duration=duration),
+        linger=seconds_field(body, "linger", None, nullable=True),
+        start_when=parse_start_when(body.get("start_when", start_when)),
     )
+
+
+def parse_start_when(value: object) -> str:
+    if value not in START_WHEN:
+        raise ControlError(400, f"'start_when' must be one of {', '.join(START_WHEN)}")
+    return str(value)
 
 
 def parse_resources(value: object) -> list[str]:

@@ -3,15 +3,18 @@
 Invariants: a fault covers only the request kinds its target names (never the control API),
 and optionally one VM; it affects at most ``count`` requests and then leaves the list (so
 "all served" reads as an empty list); a ``hang`` holds a request until its fault is deleted
-(a used-up hang keeps holding until then), never past ``HANG_CAP_SECONDS``.
+(a used-up hang keeps holding until then), never past ``HANG_CAP_SECONDS``; an ``answer``
+fault's status, body and headers are sent as given, so they are validated here to be
+sendable (framing headers stay aiohttp's).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.simulator.errors import ControlError
@@ -24,6 +27,8 @@ IMDS_KINDS: tuple[str, ...] = (
     "instance",
     "token",
     "versions",
+    "maintenance",
+    "instanceinfo",
 )
 ARM_KINDS: tuple[str, ...] = ("arm-list", "arm-get", "arm-put", "arm-operation")
 GROUPS: Mapping[str, tuple[str, ...]] = {
@@ -32,7 +37,7 @@ GROUPS: Mapping[str, tuple[str, ...]] = {
     "all": IMDS_KINDS + ARM_KINDS,
 }
 TARGETS: tuple[str, ...] = IMDS_KINDS + ARM_KINDS + tuple(GROUPS)
-FAULT_KINDS: tuple[str, ...] = ("status", "malformed", "slow", "hang", "failed")
+FAULT_KINDS: tuple[str, ...] = ("status", "malformed", "slow", "hang", "failed", "late", "answer")
 VARIANTS: tuple[str, ...] = ("not-json", "not-object", "bad-event")
 HANG_CAP_SECONDS = 600.0
 
@@ -48,8 +53,14 @@ _FAULT_KEYS = frozenset(
         "vm",
         "code",
         "message",
+        "body",
+        "content_type",
+        "headers",
+        "apply",
     }
 )
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "content-type", "connection"})
 
 
 @dataclass
@@ -65,6 +76,10 @@ class Fault:
     vm: str = ""
     code: str = ""
     message: str = ""
+    body: str = ""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    apply: bool = False
     hits: int = 0
     created_at: float = 0.0
 
@@ -91,6 +106,10 @@ class Fault:
             "vm": self.vm,
             "code": self.code,
             "message": self.message,
+            "body": self.body,
+            "content_type": self.content_type,
+            "headers": dict(self.headers),
+            "apply": self.apply,
             "hits": self.hits,
             "active": self.active,
             "created_at": iso8601(self.created_at),
@@ -158,9 +177,15 @@ def parse_fault(body: object) -> dict[str, Any]:
     if kind == "failed" and target not in ("arm-operation", "arm", "all"):
         raise ControlError(400, "kind 'failed' applies to the ARM operation URL only")
     spec: dict[str, Any] = {"target": target, "kind": kind}
-    status = body.get("status", 500)
-    if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
-        raise ControlError(400, "'status' must be an HTTP error code (400-599)")
+    if kind == "answer":
+        status = body.get("status", 200)
+        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+            raise ControlError(400, "'status' must be an HTTP status code (100-599)")
+        spec.update(_parse_answer(body))
+    else:
+        status = body.get("status", 500)
+        if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
+            raise ControlError(400, "'status' must be an HTTP error code (400-599)")
     spec["status"] = status
     for key in ("retry_after", "seconds"):
         if key in body and body[key] is not None:
@@ -169,8 +194,8 @@ def parse_fault(body: object) -> dict[str, Any]:
             if not valid or value < 0 or not math.isfinite(value):
                 raise ControlError(400, f"'{key}' must be a non-negative number")
             spec[key] = float(value)
-    if kind == "slow" and "seconds" not in spec:
-        raise ControlError(400, "a 'slow' fault needs 'seconds'")
+    if kind in ("slow", "late") and "seconds" not in spec:
+        raise ControlError(400, f"a '{kind}' fault needs 'seconds'")
     variant = body.get("variant", "not-json")
     if variant not in VARIANTS:
         raise ControlError(400, f"'variant' must be one of {', '.join(VARIANTS)}")
@@ -185,6 +210,36 @@ def parse_fault(body: object) -> dict[str, Any]:
             raise ControlError(400, f"'{key}' must be a string")
         spec[key] = value
     return spec
+
+
+def _parse_answer(body: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``answer`` fault's reply: raw text, any content type, extra headers, ``apply``."""
+    text = body.get("body", "")
+    if not isinstance(text, str):
+        raise ControlError(400, "'body' must be a string (sent as UTF-8, as it is)")
+    content_type = body.get("content_type", "application/json")
+    if not isinstance(content_type, str) or not _sendable(content_type):
+        raise ControlError(400, "'content_type' must be a string without line breaks")
+    headers = body.get("headers", {})
+    if headers is None:
+        headers = {}
+    if not isinstance(headers, dict) or not all(
+        isinstance(v, str) and _TOKEN.match(k) and _sendable(v) for k, v in headers.items()
+    ):
+        raise ControlError(400, "'headers' must map header names to single-line strings")
+    framing = sorted(k for k in headers if k.casefold() in _FRAMING_HEADERS)
+    if framing:
+        raise ControlError(
+            400, f"'headers' cannot set {', '.join(framing)} (use content_type; framing is ours)"
+        )
+    apply = body.get("apply", False)
+    if not isinstance(apply, bool):
+        raise ControlError(400, "'apply' must be true or false")
+    return {"body": text, "content_type": content_type, "headers": dict(headers), "apply": apply}
+
+
+def _sendable(value: str) -> bool:
+    return not any(ch in value for ch in "\r\n\0")
 
 
 def malform(kind: str, variant: str, body: bytes) -> bytes:

@@ -1,10 +1,12 @@
-"""The IMDS side: Scheduled Events, instance metadata and managed-identity tokens.
+"""The IMDS side: Scheduled Events, instance metadata, managed-identity tokens, 2016 preview.
 
 Invariants: every IMDS answer is checked in IMDS's order (known path, method, no
 ``X-Forwarded-For``, ``Metadata: true``, no duplicate query parameter, a valid api-version for
-*that* endpoint) before anything changes; the same endpoints are served at the root (the
-default VM) and under ``/vms/{vm}`` (another VM's view, created on first use); all views share
-one Scheduled Events document and differ only in instance metadata, tokens and who approved.
+*that* endpoint, then Scheduled Events' warm-up) before anything changes, except the 2016
+preview's endpoints (``legacy``), which checked nothing but path and method; the same endpoints
+are served at the root (the default VM) and under ``/vms/{vm}`` (another VM's view, created on
+first use); all views share one Scheduled Events document and differ only in instance
+metadata, tokens and who approved.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.simulator import routing
+from sidecar.simulator import legacy, routing
 from sidecar.simulator.endpoints import WORLD
 from sidecar.simulator.events import UnknownEventError
-from sidecar.simulator.responses import identity_error, imds_error, imds_json
+from sidecar.simulator.responses import dotnet_json, identity_error, imds_error, imds_json
 from sidecar.simulator.versions import (
     IDENTITY_VERSIONS,
     INSTANCE_VERSIONS,
@@ -39,7 +41,11 @@ _METHODS: Mapping[str, tuple[str, ...]] = {
     "instance": ("GET",),
     "token": ("GET",),
     "versions": ("GET",),
+    "maintenance": ("GET",),
+    "instanceinfo": ("GET",),
 }
+_PREVIEW_2016 = ("maintenance", "instanceinfo")
+"""The 2016 preview took no Metadata header (enforced from 2017-08-01) and no api-version."""
 _IDENTITY_SELECTORS = ("client_id", "object_id", "msi_res_id", "mi_res_id")
 
 
@@ -56,10 +62,12 @@ async def handle_imds(request: web.Request) -> web.StreamResponse:
     allowed = _METHODS[route.endpoint]
     if request.method not in allowed:
         return imds_error(405, "Method not allowed", {"Allow": ", ".join(allowed)})
+    vm_name = route.vm or world.config.default_vm
+    if route.endpoint in _PREVIEW_2016:
+        return _preview_2016(world, route.endpoint, vm_name)
     refusal = _refuse(request, route.endpoint)
     if refusal is not None:
         return refusal
-    vm_name = route.vm or world.config.default_vm
     if route.endpoint == "scheduledevents":
         if request.method == "POST":
             return await _approve(world, request, vm_name)
@@ -69,6 +77,13 @@ async def handle_imds(request: web.Request) -> web.StreamResponse:
     if route.endpoint == "token":
         return _token(world, request, vm_name)
     return imds_json({"apiVersions": list(INSTANCE_VERSIONS)})
+
+
+def _preview_2016(world: World, endpoint: str, vm_name: str) -> web.Response:
+    vm = world.ensure_vm(vm_name)
+    if endpoint == "maintenance":
+        return dotnet_json(legacy.maintenance_document(world.events.events(), vm.name))
+    return dotnet_json(legacy.instance_info(vm))
 
 
 def _refuse(request: web.Request, endpoint: str) -> web.Response | None:
@@ -96,23 +111,39 @@ def _bad_version(accepted: tuple[str, ...]) -> web.Response:
     return imds_json({"error": BAD_VERSION, "newest-versions": newest(accepted)}, 400)
 
 
+def _warming_up(world: World, vm_name: str) -> web.Response | None:
+    """The answer while this VM's Scheduled Events service is being enabled (see ``warmup``)."""
+    settings = world.settings
+    if not world.warmup.warming(vm_name, world.now(), settings.warmup_seconds):
+        return None
+    status = settings.warmup_status
+    return imds_error(status, "Not found" if status == 404 else "Gone")
+
+
 def _scheduled_events(world: World, request: web.Request, vm_name: str) -> web.Response:
     version = _version(request, SCHEDULED_EVENTS_VERSIONS)
     if version is None:
         return _bad_version(SCHEDULED_EVENTS_VERSIONS)
+    warming = _warming_up(world, vm_name)
+    if warming is not None:
+        return warming
     world.ensure_vm(vm_name)
     return imds_json(world.events.document(version))
 
 
 async def _approve(world: World, request: web.Request, vm_name: str) -> web.Response:
-    if _version(request, SCHEDULED_EVENTS_VERSIONS) is None:
+    version = _version(request, SCHEDULED_EVENTS_VERSIONS)
+    if version is None:
         return _bad_version(SCHEDULED_EVENTS_VERSIONS)
+    warming = _warming_up(world, vm_name)
+    if warming is not None:
+        return warming
     event_ids = _start_requests(await request.read())
     if event_ids is None:
         return imds_error(400, 'Bad request. Expected {"StartRequests": [{"EventId": "..."}]}')
     vm = world.ensure_vm(vm_name)
     try:
-        world.events.approve(event_ids, vm.name, request.remote or "")
+        world.events.approve(event_ids, vm.name, request.remote or "", version)
     except UnknownEventError as exc:
         return imds_error(400, f"Bad request. Unknown EventId: {', '.join(exc.event_ids)}")
     return web.Response(status=200)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -34,6 +35,16 @@ def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError("a port is 0 (ephemeral) to 65535")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from exc
+    if value < 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError("seconds must be a non-negative number")
     return value
 
 
@@ -84,6 +95,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="NICs per ARM list page, with nextLink paging; 0 = one page (%(default)s)",
     )
     parser.add_argument(
+        "--start-when",
+        choices=("any-approval", "all-approvals"),
+        default=defaults.start_when,
+        help="when approvals start an event: at the first, or once every VM it names has "
+        "approved (or at NotBefore) (%(default)s)",
+    )
+    parser.add_argument(
+        "--warmup-seconds",
+        type=_seconds,
+        default=defaults.warmup_seconds,
+        help="answer each VM's Scheduled Events calls 410 Gone for this long after its first "
+        "one, as while Azure enables the service; 0 = off (%(default)s)",
+    )
+    parser.add_argument(
         "--ready-file", type=Path, default=None, help="once listening, write the URLs here as JSON"
     )
     parser.add_argument(
@@ -112,6 +137,8 @@ def options_from_args(args: argparse.Namespace) -> SimulatorOptions:
         arm_page_size=args.arm_page_size,
         ready_file=args.ready_file,
         schedule=tuple(args.schedule),
+        start_when=args.start_when,
+        warmup_seconds=args.warmup_seconds,
     )
 
 

@@ -2,14 +2,18 @@
 
 Invariants: a ``status`` fault answers instead of the handler (no side effect happens); a
 ``slow`` or ``hang`` fault delays the request and then lets the handler answer normally; a
-``malformed`` fault lets the handler act and spoils its answer; the control API is never
-counted nor faulted. On the ARM operation URL, ``slow`` and ``failed`` faults belong to the
-operation itself and are left to its handler.
+``malformed`` fault lets the handler act and spoils its answer; a ``late`` fault lets the
+handler act first and then delays its answer, so the side effect happens even when the client
+has given up (``handler_cancellation`` ends only the wait); an ``answer`` fault sends its own
+reply, after the handler acted if ``apply`` says so; the control API is never counted nor
+faulted. On the ARM operation URL, ``slow`` and ``failed`` faults belong to the operation
+itself and are left to its handler.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -129,6 +133,15 @@ async def _with_faults(
     if fault.kind == "hang":
         await _hold(world, fault)
         return await handler(request)
+    if fault.kind == "late":
+        response = await handler(request)  # the side effect first: the client may leave
+        await asyncio.sleep(fault.seconds)
+        return response
+    if fault.kind == "answer":
+        if fault.apply:
+            with contextlib.suppress(web.HTTPException):
+                await handler(request)
+        return custom_answer(fault)
     response = await handler(request)
     return _spoil(response, kind, fault.variant)
 
@@ -157,6 +170,15 @@ def fault_answer(kind: str, fault: Fault) -> web.Response:
         message = fault.message or f"Simulated fault {fault.fault_id}: {reason(status)}"
         return identity_error(status, code, message, headers)
     return imds_error(status, fault.message or reason(status), headers)
+
+
+def custom_answer(fault: Fault) -> web.Response:
+    """An ``answer`` fault's reply, byte for byte (HTTP drops the body of 1xx, 204 and 304)."""
+    response = web.Response(
+        body=fault.body.encode(), status=fault.status, headers=dict(fault.headers)
+    )
+    response.headers["Content-Type"] = fault.content_type
+    return response
 
 
 def _spoil(response: web.StreamResponse, kind: str, variant: str) -> web.StreamResponse:

@@ -55,3 +55,5 @@ class SimulatorOptions:
     arm_page_size: int = 0
     ready_file: Path | None = None
     schedule: tuple[ScheduleSpec, ...] = ()
+    start_when: str = "any-approval"
+    warmup_seconds: float = 0.0

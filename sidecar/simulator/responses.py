@@ -46,6 +46,15 @@ def imds_error(status: int, message: str, headers: Mapping[str, str] | None = No
     return _json({"error": message}, status, headers)
 
 
+def dotnet_json(data: Any) -> web.Response:
+    """JSON as the 2016 preview's .NET serializer wrote it: compact, ``/`` escaped as ``\\/``.
+
+    Only string contents can hold a ``/``, so escaping every one is exact; any JSON parser
+    reads the same values."""
+    body = json.dumps(data, separators=(",", ":")).replace("/", "\\/")
+    return web.Response(text=body, content_type=JSON_TYPE, charset="utf-8")
+
+
 def identity_error(
     status: int, error: str, description: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:

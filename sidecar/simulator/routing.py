@@ -2,7 +2,8 @@
 
 Invariant: one function per side maps a path to a route and one maps (route, method) to a
 kind, so request counts, fault targets and handlers agree on names. ARM paths match
-case-insensitively (ARM does); IMDS paths are matched exactly as documented.
+case-insensitively (ARM does); IMDS paths are matched exactly as documented, except the 2016
+preview's ``v1/maintenance`` and ``v1/InstanceInfo``, which old scripts spell either way.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def match_imds(path: str) -> ImdsRoute | None:
         return ImdsRoute(vm, "token")
     if rest == ["versions"]:
         return ImdsRoute(vm, "versions")
+    legacy = [part.casefold() for part in rest]
+    if legacy in (["v1", "maintenance"], ["v1", "instanceinfo"]):
+        return ImdsRoute(vm, legacy[1])
     return ImdsRoute(vm, "unknown", tuple(rest))
 
 
@@ -48,7 +52,7 @@ def imds_kind(route: ImdsRoute | None, method: str) -> str:
         return "approve" if method == "POST" else "scheduledevents"
     if route.endpoint == "instance":
         return "compute" if route.subpath[:1] == ("compute",) else "instance"
-    if route.endpoint in ("token", "versions"):
+    if route.endpoint in ("token", "versions", "maintenance", "instanceinfo"):
         return route.endpoint
     return "imds-unknown"
 

@@ -42,6 +42,8 @@ def world_config(options: SimulatorOptions) -> WorldConfig:
         arm_retry_after=options.arm_retry_after,
         arm_page_size=options.arm_page_size,
         schedule=tuple((s.event_type, s.seconds) for s in options.schedule),
+        start_when=options.start_when,
+        warmup_seconds=options.warmup_seconds,
     )
 
 

@@ -1,8 +1,8 @@
 """The simulator's notion of time: an injectable clock and the text forms Azure uses.
 
 Invariant: inside the simulator a time is POSIX seconds (a float, UTC) read from the injected
-clock; text forms (RFC 1123 for Scheduled Events, ISO 8601 for the control API) are made and
-parsed only here.
+clock; text forms (RFC 1123 for Scheduled Events, ISO 8601 for the control API, .NET's general
+form for the 2016 preview) are made and parsed only here.
 """
 
 from __future__ import annotations
@@ -25,6 +25,15 @@ def iso8601(timestamp: float) -> str:
     """The control API's form: UTC with milliseconds and a ``Z``."""
     text = datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
     return text.replace("+00:00", "Z")
+
+
+def dotnet_general(timestamp: float) -> str:
+    """The 2016 preview's EventCreationTime, .NET's en-US general form in UTC:
+    ``9/15/2015 6:42:51 AM``."""
+    moment = datetime.fromtimestamp(math.floor(timestamp), UTC)
+    hour = moment.hour % 12 or 12
+    half = "AM" if moment.hour < 12 else "PM"
+    return f"{moment.month}/{moment.day}/{moment.year} {hour}:{moment:%M:%S} {half}"
 
 
 def parse_time(text: str) -> float:

@@ -8,6 +8,7 @@ are ISO dates and compare correctly as strings.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 SCHEDULED_EVENTS_VERSIONS: tuple[str, ...] = (
     "2017-03-01",  # preview: Resources of IaaS VMs carried a leading underscore
@@ -18,6 +19,10 @@ SCHEDULED_EVENTS_VERSIONS: tuple[str, ...] = (
     "2019-08-01",  # + EventSource
     "2020-07-01",  # + DurationInSeconds
 )
+
+EVENT_TYPES_SINCE: Mapping[str, str] = {"Preempt": "2017-11-01", "Terminate": "2019-01-01"}
+"""The Scheduled Events version that introduced each later event type (Microsoft's version
+table); Reboot, Redeploy and Freeze date from the start, and unknown types are always shown."""
 
 INSTANCE_VERSIONS: tuple[str, ...] = (
     "2017-03-01",
@@ -75,6 +80,11 @@ VMSS_NETWORK_NEWEST = "2018-10-01"
 NETWORK_OLDEST = "2015-06-15"
 
 _DATE_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
+
+
+def event_type_known(event_type: str, api_version: str) -> bool:
+    """Whether ``api_version`` of Scheduled Events knows events of ``event_type``."""
+    return api_version >= EVENT_TYPES_SINCE.get(event_type, "")
 
 
 def newest(versions: tuple[str, ...], count: int = 3) -> list[str]:

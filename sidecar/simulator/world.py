@@ -19,7 +19,14 @@ from typing import Any
 
 from sidecar.simulator import ids, seed
 from sidecar.simulator.errors import ControlError
-from sidecar.simulator.events import EventBook, EventSpec, ScheduledEvent, parse_event_spec
+from sidecar.simulator.events import (
+    ANY_APPROVAL,
+    EventBook,
+    EventSpec,
+    ScheduledEvent,
+    parse_event_spec,
+    parse_start_when,
+)
 from sidecar.simulator.faults import FaultBook
 from sidecar.simulator.identity import Permissions, TokenBook
 from sidecar.simulator.lro import IN_PROGRESS, OperationBook
@@ -27,6 +34,7 @@ from sidecar.simulator.network import Nic, NicStore
 from sidecar.simulator.times import Clock
 from sidecar.simulator.traffic import RequestLog
 from sidecar.simulator.vms import UNIFORM, Vm
+from sidecar.simulator.warmup import Warmup, parse_warmup_status
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,8 @@ class WorldConfig:
     arm_page_size: int = 0
     schedule: tuple[tuple[str, float | None], ...] = ()
     """Events (type, seconds until NotBefore or None for the type's notice) at start-up."""
+    start_when: str = ANY_APPROVAL
+    warmup_seconds: float = 0.0
 
 
 @dataclass
@@ -51,21 +61,29 @@ class Settings:
     started_seconds: float
     arm_retry_after: float
     arm_page_size: int
+    start_when: str = ANY_APPROVAL
+    warmup_seconds: float = 0.0
+    warmup_status: int = 410
 
     def to_json(self) -> dict[str, Any]:
         return {
             "started_seconds": self.started_seconds,
             "arm_retry_after": self.arm_retry_after,
             "arm_page_size": self.arm_page_size,
+            "start_when": self.start_when,
+            "warmup_seconds": self.warmup_seconds,
+            "warmup_status": self.warmup_status,
         }
 
     def update(self, body: object) -> None:
         if not isinstance(body, dict):
             raise ControlError(400, "settings must be a JSON object")
-        unknown = sorted(set(body) - {"started_seconds", "arm_retry_after", "arm_page_size"})
+        known = {"started_seconds", "arm_retry_after", "arm_page_size", "start_when"}
+        known |= {"warmup_seconds", "warmup_status"}
+        unknown = sorted(set(body) - known)
         if unknown:
             raise ControlError(400, f"unknown settings: {', '.join(unknown)}")
-        for key in ("started_seconds", "arm_retry_after"):
+        for key in ("started_seconds", "arm_retry_after", "warmup_seconds"):
             if key in body:
                 value = body[key]
                 if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
@@ -78,6 +96,10 @@ class Settings:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise ControlError(400, "'arm_page_size' must be a non-negative integer")
             self.arm_page_size = size
+        if "start_when" in body:
+            self.start_when = parse_start_when(body["start_when"])
+        if "warmup_status" in body:
+            self.warmup_status = parse_warmup_status(body["warmup_status"])
 
 
 class World:
@@ -96,6 +118,9 @@ class World:
         self.settings = Settings(
             config.started_seconds, config.arm_retry_after, config.arm_page_size
         )
+        self.settings.start_when = config.start_when
+        self.settings.warmup_seconds = config.warmup_seconds
+        self.warmup = Warmup()
         self.events = EventBook(self.clock, incarnation)
         self.vms: dict[str, Vm] = {}
         self.nics = NicStore()
@@ -134,6 +159,7 @@ class World:
                 now=now,
                 default_vm=default.name,
                 started_seconds=self.settings.started_seconds,
+                start_when=self.settings.start_when,
             )
             self.events.add(spec)
 
