@@ -16,8 +16,10 @@ import resource
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -242,8 +244,32 @@ def test_connection_storm_does_not_silence_the_probe(simulator: Simulator, tmp_p
         sidecar.close()
 
 
-# --- 6. an approval answered late could be sent twice: see test_arm_answers_e2e / the late
-# approval test there, which needs the simulator's `late` fault
+# --- 6. an approval answered late could be sent twice
+
+
+def test_approval_answered_late_is_not_sent_again_blindly(
+    simulator: Simulator, start_sidecar: SidecarFactory
+) -> None:
+    sidecar = start_sidecar(drain_seconds="1", min_drain_seconds="0", imds_timeout="1")
+    sidecar.wait_probe(200)
+    event = simulator.add_event(type="Reboot", not_before_in=900, started_for=600)
+    sidecar.wait_phase(event["EventId"], "draining")
+    # IMDS takes the approval but answers after the sidecar's timeout, then stops answering
+    # polls for a while: nothing tells the sidecar whether its approval went through
+    simulator.fault(target="approve", kind="late", seconds=3, count=1)
+    simulator.fault(target="scheduledevents", kind="status", status=500)
+    wait_for(lambda: simulator.approvals_of(event["EventId"]), "the approval to arrive")
+    entry = wait_for(
+        lambda: _unknown_outcome(sidecar, event["EventId"]), "the sidecar to give up waiting"
+    )
+    assert entry["phase"] == "approving"
+    time.sleep(4)  # four retry periods without a readable document: nothing may be re-sent
+    assert len(simulator.approvals_of(event["EventId"])) == 1
+
+    simulator.clear_faults()  # the document shows the event Started: nothing more to send
+    sidecar.wait_phase(event["EventId"], "started")
+    sidecar.wait_polls(8)
+    assert len(simulator.approvals_of(event["EventId"])) == 1
 
 
 # --- 8. /status on 0.0.0.0 told anyone the subscription, resource ids and other VMs' names
@@ -301,6 +327,13 @@ def test_event_id_with_a_line_break_cannot_forge_a_log_line(
     wait_for(lambda: "e1\\n" in sidecar.process.output(), "the escaped id in the log")
     lines = sidecar.process.output().splitlines()
     assert not any(line.startswith(forged) for line in lines), "a forged line got through"
+
+
+def _unknown_outcome(sidecar: Sidecar, event_id: str) -> dict[str, Any] | None:
+    for entry in sidecar.status()["events"]:
+        if entry["id"] == event_id and entry["approval_outcome_unknown"]:
+            return dict(entry)
+    return None
 
 
 def _listening(port: int) -> bool:
