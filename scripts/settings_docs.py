@@ -8,35 +8,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-from itertools import groupby
 from pathlib import Path
 
-from sidecar.settings import Settings, env_name, render_value
+from sidecar.settings import GROUPS, env_name, render_value
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_EXAMPLE = ROOT / "configs" / "sidecar.env.example"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 
-GROUP_TITLES = {
-    "IMDS": "Instance Metadata Service",
-    "Drain": "Draining and approval",
-    "ARM": "Backend-pool removal through Azure Resource Manager",
-    "HTTP": "Probe server",
-    "Logging": "Logging",
-}
-
 
 def fields_by_group() -> list[tuple[str, list[tuple[str, str, str]]]]:
-    """(group, [(variable, default, description)]) in the model's own order."""
-    rows = []
-    for name, field in Settings.model_fields.items():
-        extra = field.json_schema_extra
-        group = str(extra.get("group", "Other")) if isinstance(extra, dict) else "Other"
-        rows.append((group, env_name(name), render_value(field.default), field.description or ""))
+    """(title, [(variable, default, description)]) per settings group, in the model's order."""
     return [
-        (group, [(var, default, text) for _, var, default, text in members])
-        for group, members in groupby(rows, key=lambda row: row[0])
+        (
+            group.title,
+            [
+                (env_name(name), render_value(field.default), field.description or "")
+                for name, field in group.model_fields.items()
+            ],
+        )
+        for group in GROUPS
     ]
 
 
@@ -47,7 +39,7 @@ def render_env_example() -> str:
         "# edit the model, then run `python scripts/settings_docs.py --write`.",
     ]
     for group, members in fields_by_group():
-        lines += ["", f"# --- {GROUP_TITLES.get(group, group)}"]
+        lines += ["", f"# --- {group}"]
         for variable, default, text in members:
             lines += [f"# {text}", f"#{variable}={default}"]
     return "\n".join(lines) + "\n"
@@ -56,7 +48,7 @@ def render_env_example() -> str:
 def render_markdown() -> str:
     lines = [BEGIN, ""]
     for group, members in fields_by_group():
-        lines += [f"**{GROUP_TITLES.get(group, group)}**", ""]
+        lines += [f"**{group}**", ""]
         lines += ["| Variable | Default | What it is for |", "|---|---|---|"]
         for variable, default, text in members:
             shown = f"`{default}`" if default else "(unset)"
