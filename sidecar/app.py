@@ -15,12 +15,14 @@ import logging
 import resource
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from sidecar.app_health import AppHealth
 from sidecar.drainer import Drainer
+from sidecar.gates import Gate
+from sidecar.hooks import DrainHooks
 from sidecar.imds import ImdsClient, new_session
 from sidecar.metrics import Metrics
 from sidecar.server import IDLE_SECONDS, MAX_CONNECTIONS, CappedSite, make_app
@@ -29,6 +31,14 @@ from sidecar.store import StateDocument, StateStore
 from sidecar.supervise import Supervisor
 
 log = logging.getLogger(__name__)
+
+
+class PoolGate(Gate, Protocol):
+    """The pool action as the rest of the app sees it (keeps the Azure SDKs unimported)."""
+
+    @property
+    def settled(self) -> bool: ...
+
 
 SHUTDOWN_GRACE_SECONDS = 3.0
 
@@ -65,8 +75,29 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         )
         drainer.add_gate(app_health)
         supervisor.start("app-health", app_health.run)
-    if settings.arm_enabled:
+    pools = (
         _start_pool_action(settings, document, metrics, drainer, supervisor)
+        if settings.arm_enabled
+        else None
+    )
+    if any(
+        (
+            settings.drain_hook_url,
+            settings.drain_command,
+            settings.undrain_hook_url,
+            settings.undrain_command,
+        )
+    ):
+        hooks = DrainHooks(
+            settings,
+            document,
+            metrics,
+            vm_name=lambda: drainer.vm_name,
+            pools_out=lambda: pools is None or pools.settled,
+            on_change=drainer.wake,
+        )
+        drainer.add_gate(hooks)
+        supervisor.start("hooks", hooks.run)
     runner = web.AppRunner(
         make_app(drainer, supervisor, settings.health_path),
         access_log=None,
@@ -114,7 +145,7 @@ def _start_pool_action(
     metrics: Metrics,
     drainer: Drainer,
     supervisor: Supervisor,
-) -> None:
+) -> PoolGate:
     """Imports the Azure SDKs now, at start-up: a Preempt leaves 30 s, not time to import."""
     from sidecar.arm import ArmNetwork, NicRef
     from sidecar.pools import PoolAction
@@ -139,6 +170,7 @@ def _start_pool_action(
             await network.close()
 
     supervisor.start("pool-action", run)
+    return pools
 
 
 def read_boot_id(settings: Settings) -> str | None:

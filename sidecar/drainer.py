@@ -229,7 +229,8 @@ class Drainer:
 
     def _follow_gates(self, state: DrainState) -> DrainState:
         """Tells the gates what this state wants, then reads back what approval waits for."""
-        wanted = Wanted.of(state)
+        holds = any(gate.probe_hold() is not None for gate in self.gates)
+        wanted = Wanted.of(state, serving=state.serving and not holds)
         waits, blocks = set(), set()
         for gate in self.gates:
             gate.follow(wanted)

@@ -40,9 +40,11 @@ class Wanted:
     events: tuple[Tracked, ...]
     """The events of ours that hold the probe down."""
     manual: Manual | None
+    serving: bool = False
+    """The probe answers 200 (as of the gates' answers before this decision)."""
 
     @classmethod
-    def of(cls, state: DrainState) -> Wanted:
+    def of(cls, state: DrainState, *, serving: bool) -> Wanted:
         return cls(
             ready=state.ready,
             draining=state.draining,
@@ -50,6 +52,7 @@ class Wanted:
             deadline=state.drain_deadline,
             events=tuple(t for t in state.events.values() if t.holds_probe_down),
             manual=state.manual,
+            serving=serving,
         )
 
 

@@ -85,5 +85,12 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.hooks = Counter(
+            "sidecar_hooks",
+            "Drain and undrain hook calls, by phase and outcome.",
+            ["phase", "outcome"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,6 +30,7 @@ from tests.arm_support import (
     without_pools,
 )
 from tests.conftest import SidecarFactory
+from tests.receiver import Receiver
 from tests.support import Simulator, wait_for
 from tests.test_drain_e2e import epoch
 
@@ -294,3 +295,22 @@ def test_user_assigned_identity_is_asked_for_by_client_id(
         if entry["kind"] == "token"
     ]
     assert tokens and all(f"client_id={client_id}" in path for path in tokens), tokens
+
+
+def test_drain_hook_comes_after_the_nic_left_its_pools(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> None:
+    receiver = Receiver()
+    try:
+        simulator.fault(target="arm-operation", kind="slow", seconds=3)  # a slow removal
+        sidecar = start_arm_sidecar(
+            drain_seconds="1", min_drain_seconds="0", drain_hook_url=receiver.url("/drain")
+        )
+        sidecar.wait_probe(200)
+        event = simulator.add_event(type="Reboot", not_before_in=900)
+        wait_for(lambda: simulator.approvals_of(event["EventId"]), "the approval")
+        removal = simulator.control("GET", "/operations")[0]
+        [call] = receiver.calls("/drain")
+        assert call.wall >= epoch(removal["finished_at"]), "new flows could still arrive"
+    finally:
+        receiver.close()
