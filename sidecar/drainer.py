@@ -366,7 +366,7 @@ class Drainer:
             "phase": tracked.phase.value,
             "reason": tracked.reason,
             "not_before": format_time(tracked.not_before_wall),
-            "drain_started": format_time(self._wall(tracked.drain_started)),
+            "drain_started": format_time(tracked.drain_started_wall),
             "approve_at": format_time(self._wall(tracked.approve_at)),
             "approved_at": format_time(tracked.approved_wall),
             "approval_attempts": tracked.attempts,

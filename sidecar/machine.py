@@ -105,6 +105,8 @@ class Tracked:
     not_before_wall: float | None = None
     duration_seconds: int = -1
     drain_started: float | None = None
+    drain_started_wall: float | None = None
+    """The same moment on the wall clock, as first read: what people see and restarts resume."""
     approve_at: float | None = None
     idle_at: float | None = None
     """After the minimum drain: approval may come this early once the app has no connections."""
@@ -378,6 +380,7 @@ def _classify(
     ours = replace(
         seen,
         drain_started=_kept(before, "drain_started", now.mono),
+        drain_started_wall=_kept(before, "drain_started_wall", now.wall),
         approved_wall=state.approved.get(event.event_id),
         boot_seen=before.boot_seen if before is not None else state.boot_id,
         attempts=before.attempts if before is not None else 0,

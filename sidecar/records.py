@@ -26,8 +26,8 @@ def drain_section(state: DrainState, now: Now) -> dict[str, Any]:
         if tracked.phase is Phase.IGNORED:
             continue
         record: dict[str, Any] = {"type": tracked.event_type, "phase": tracked.phase.value}
-        if tracked.drain_started is not None:
-            record["drain_started"] = round(now.wall_of(tracked.drain_started), 3)
+        if tracked.drain_started_wall is not None:
+            record["drain_started"] = tracked.drain_started_wall
         if tracked.started_seen is not None:
             record["started_seen"] = round(now.wall_of(tracked.started_seen), 3)
         if tracked.boot_seen is not None:
@@ -85,6 +85,7 @@ def _tracked(event_id: str, saved: Mapping[str, Any], now: Now) -> Tracked:
         reason=str(saved.get("reason") or "restored from the state file"),
         duration_seconds=duration if isinstance(duration, int) else -1,
         drain_started=_moment(saved.get("drain_started"), now),
+        drain_started_wall=_number(saved.get("drain_started")),
         started_seen=_moment(saved.get("started_seen"), now),
         boot_seen=saved["boot_seen"] if isinstance(saved.get("boot_seen"), str) else None,
         seen_before_start=saved.get("seen_before_start") is True,
