@@ -20,13 +20,14 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from sidecar.app_health import AppHealth
-from sidecar.drainer import Drainer
+from sidecar.drainer import Drainer, EventSource
 from sidecar.gates import Gate
 from sidecar.hooks import DrainHooks
 from sidecar.imds import ImdsClient, new_session
+from sidecar.legacy import LegacyClient
 from sidecar.metrics import Metrics
 from sidecar.server import IDLE_SECONDS, MAX_CONNECTIONS, CappedSite, make_app
-from sidecar.settings import Settings
+from sidecar.settings import LEGACY_2016, Settings
 from sidecar.store import StateDocument, StateStore
 from sidecar.supervise import Supervisor
 
@@ -53,15 +54,22 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     _raise_descriptor_limit()
     asyncio.get_running_loop().set_exception_handler(_log_loop_error)
     store = StateStore(settings.state_file)
-    store.check_writable()
-    document = StateDocument(store)
+    if settings.dry_run:
+        log.warning("dry run: nothing will be changed, sent or written; reports only")
+    else:
+        store.check_writable()
+    document = StateDocument(store, enabled=not settings.dry_run)
     metrics = Metrics()
     session = new_session()
-    imds = ImdsClient(
-        session,
-        settings.imds_url,
-        api_version=settings.api_version,
-        instance_api_version=settings.instance_api_version,
+    imds: EventSource = (
+        LegacyClient(session, settings.imds_url, settings.vm_name)
+        if settings.api_version == LEGACY_2016
+        else ImdsClient(
+            session,
+            settings.imds_url,
+            api_version=settings.api_version,
+            instance_api_version=settings.instance_api_version,
+        )
     )
     drainer = Drainer(settings, imds, document, metrics, boot_id=read_boot_id(settings))
     supervisor = Supervisor(metrics)
@@ -99,7 +107,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         drainer.add_gate(hooks)
         supervisor.start("hooks", hooks.run)
     runner = web.AppRunner(
-        make_app(drainer, supervisor, settings.health_path),
+        make_app(drainer, supervisor, settings.health_path, settings.admin_token),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=SHUTDOWN_GRACE_SECONDS,

@@ -153,6 +153,11 @@ class ArmNetwork:
         removed, unreadable = pool_record.decode(nic.id, current.tags)
         return Recorded(removed, unreadable)
 
+    async def planned_removal(self, nic: NicRef, chosen: Callable[[str], bool]) -> PoolsByIpConfig:
+        """What `remove_pools` would take out now (a dry run reads, never writes)."""
+        current = await self._get(nic)
+        return self._checked(_leaving, current, chosen)
+
     async def remove_pools(
         self,
         nic: NicRef,
@@ -162,12 +167,7 @@ class ArmNetwork:
         """Takes the NIC out of the chosen pools; `before_write` must persist the plan first."""
 
         def plan(current: NetworkInterface) -> PoolsByIpConfig | None:
-            leaving = {
-                name: [pool for pool in pools if chosen(pool)]
-                for name, pools in pools_by_ip_config(current).items()
-                if any(chosen(pool) for pool in pools)
-            }
-            return leaving or None
+            return _leaving(current, chosen) or None
 
         def apply(current: NetworkInterface, change: PoolsByIpConfig) -> None:
             without(current, change)
@@ -313,6 +313,14 @@ def pools_by_ip_config(nic: NetworkInterface) -> PoolsByIpConfig:
         ) or []
         result[config.name or ""] = [pool.id for pool in (*lb, *agw) if pool.id]
     return result
+
+
+def _leaving(nic: NetworkInterface, chosen: Callable[[str], bool]) -> PoolsByIpConfig:
+    return {
+        name: [pool for pool in pools if chosen(pool)]
+        for name, pools in pools_by_ip_config(nic).items()
+        if any(chosen(pool) for pool in pools)
+    }
 
 
 def merged(recorded: Mapping[str, list[str]], change: Mapping[str, list[str]]) -> PoolsByIpConfig:

@@ -1,4 +1,4 @@
-"""The `sidecar` command: run, simulate, demo, check-config, healthcheck.
+"""The `sidecar` command: run, status, events, simulate, demo, check-config, healthcheck.
 
 Exit codes: 0 success (including a clean SIGTERM), 2 configuration refused, 1 anything else.
 Configuration errors are printed as one line per problem, never as a traceback.
@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         "healthcheck",
         help="exit 0 if the sidecar configured here answers on /status (container HEALTHCHECK)",
     ).set_defaults(handler=_healthcheck)
+    status = commands.add_parser("status", help="print the running sidecar's /status as a table")
+    status.add_argument("--json", action="store_true", help="print the JSON as served instead")
+    status.set_defaults(handler=_status)
+    commands.add_parser(
+        "events", help="print this VM's Scheduled Events document as IMDS serves it right now"
+    ).set_defaults(handler=_events)
     commands.add_parser(
         SIMULATE,
         help="serve a simulated IMDS (and ARM) on loopback to rehearse maintenance "
@@ -137,6 +143,32 @@ def _healthcheck(_: argparse.Namespace) -> int:
     finally:
         connection.close()
     return 0 if status == 200 else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from sidecar import view
+
+    try:
+        status = view.fetch_status()
+    except (OSError, ValueError) as error:
+        print(f"sidecar: status: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else view.render_status(status))
+    return 0
+
+
+def _events(_: argparse.Namespace) -> int:
+    from sidecar import view
+
+    try:
+        document = view.fetch_events()
+    except (OSError, ValueError) as error:
+        print(f"sidecar: events: {error}", file=sys.stderr)
+        return 1
+    print(view.render_events(document))
+    return 0
 
 
 def _demo(_: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from sidecar.imds import Compute, ImdsError
 from sidecar.machine import Decision, DrainState, Now, Phase, Policy
 from sidecar.metrics import Metrics
 from sidecar.records import SECTION, drain_section, restore_drain
-from sidecar.settings import Settings
+from sidecar.settings import LEGACY_2016, Settings
 from sidecar.store import StateDocument
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,9 @@ class EventSource(Protocol):
     async def approve(self, event_id: str, timeout: float) -> None: ...
 
     async def compute(self, timeout: float) -> Compute: ...
+
+    def describe(self) -> dict[str, Any] | None:
+        """Whatever this source adds to /status (the 2016 preview's InstanceInfo)."""
 
 
 @dataclass
@@ -107,6 +110,16 @@ class Drainer:
     def serving(self) -> bool:
         return self.verdict() == "serving"
 
+    def probe_answer(self) -> tuple[bool, str]:
+        """What the probe answers. A dry run serves unless the app is unhealthy, and says what
+        it would have answered."""
+        verdict = self.verdict()
+        if not self.settings.dry_run or verdict == "serving":
+            return verdict == "serving", verdict
+        if verdict == "app unhealthy":
+            return False, verdict
+        return True, f"serving (dry run: would answer 503 {verdict})"
+
     def wake(self) -> None:
         """Re-decide now: a gate changed something."""
         self._wake.set()
@@ -163,7 +176,8 @@ class Drainer:
 
     async def _resolve_identity(self) -> str:
         """`compute.name` is what Azure puts in `Resources` (not the hostname)."""
-        if self.vm_name is not None and not self.settings.arm_enabled:
+        legacy = self.settings.api_version == LEGACY_2016  # InstanceInfo shows in /status
+        if self.vm_name is not None and not self.settings.arm_enabled and not legacy:
             log.info("this VM is %s (SIDECAR_VM_NAME)", self.vm_name)
             self.identified.set()
             return self.vm_name
@@ -260,6 +274,13 @@ class Drainer:
             await self._approve(action.event_id, policy)
 
     async def _approve(self, event_id: str, policy: Policy) -> None:
+        if self.settings.dry_run:
+            self.metrics.approvals.labels("dry-run").inc()
+            log.info("dry run: would approve %s now", event_id)
+            await self._apply(
+                machine.approval_succeeded(self.state, event_id, self.clock()), policy
+            )
+            return
         try:
             await self.imds.approve(event_id, self.settings.imds_timeout)
         except ImdsError as error:
@@ -313,13 +334,13 @@ class Drainer:
     def _publish(self) -> None:
         """Mirrors the state into metrics, and logs each change of the probe's answer once."""
         verdict = self.verdict()
-        serving = verdict == "serving"
-        self.metrics.serving.set(1 if serving else 0)
+        self.metrics.serving.set(1 if self.probe_answer()[0] else 0)
         for phase in Phase:
             count = sum(1 for t in self.state.events.values() if t.phase is phase)
             self.metrics.events.labels(phase.value).set(count)
         if verdict != self._verdict_logged:
-            log.info("probe: %d %s", 200 if serving else 503, verdict)
+            answered, text = self.probe_answer()
+            log.info("probe: %d %s", 200 if answered else 503, text)
             self._verdict_logged = verdict
 
     def _wall(self, moment: float | None) -> float | None:
@@ -330,6 +351,8 @@ class Drainer:
         state = self.state
         body: dict[str, Any] = {
             "state": self.verdict(),
+            "probe": self.probe_answer()[1],
+            "dry_run": self.settings.dry_run,
             "incarnation": state.incarnation,
             "app_connections": state.connections,
             "events": [self._event_status(t, detailed) for t in state.events.values()],
@@ -347,6 +370,7 @@ class Drainer:
                 "successful_polls": self.polls.successes,
             },
             "state_file": self.document.store.report.status() if detailed else None,
+            "source": self.imds.describe() if detailed else None,
         }
         for gate in self.gates:
             body[gate.name] = gate.status(detailed=detailed)

@@ -294,6 +294,10 @@ class DrainHooks:
         self, phase: str, url: str | None, command: str | None, call: HookCall, timeout: float
     ) -> str | None:
         """Runs the URL and the command of a phase; the first problem, or None."""
+        if self.settings.dry_run:
+            log.info("dry run: would call the %s hook now (%s)", phase, call.body()["id"])
+            self.metrics.hooks.labels(phase, "dry-run").inc()
+            return None
         problems = []
         if url:
             problems.append(await _post(url, call.body(), timeout))

@@ -106,38 +106,54 @@ class ImdsClient:
         payload = await self._request("GET", self._compute_url, self._instance_api_version, timeout)
         return Compute.from_json(payload)
 
+    def describe(self) -> dict[str, Any] | None:
+        """Nothing beyond /status's own fields (the 2016 preview has more to say)."""
+        return None
+
     async def _request(
-        self, method: str, url: str, api_version: str, timeout: float, body: Any = None
+        self, method: str, url: str, api_version: str | None, timeout: float, body: Any = None
     ) -> Any:
-        what = f"{method} {url}"
-        try:
-            async with self._session.request(
-                method,
-                url,
-                params={"api-version": api_version},
-                json=body,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-                allow_redirects=False,
-            ) as response:
-                text = await response.text(errors="replace")
-                if response.status != 200:
-                    raise _status_error(what, response.status, text, response.headers)
-        except TimeoutError:
-            raise ImdsError(
-                f"{what}: no answer within {timeout:g}s", transient=True, unanswered=True
-            ) from None
-        except aiohttp.ClientConnectorError as error:  # never connected: nothing was sent
-            raise ImdsError(f"{what}: {error}", transient=True) from None
-        except aiohttp.ClientError as error:
-            raise ImdsError(
-                f"{what}: {error or type(error).__name__}", transient=True, unanswered=True
-            ) from None
-        if method == "POST":
-            return None
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ImdsError(f"{what}: answer is not JSON ({error})", transient=True) from None
+        return await request_json(self._session, method, url, api_version, timeout, body)
+
+
+async def request_json(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    api_version: str | None,
+    timeout: float,
+    body: Any = None,
+) -> Any:
+    """One IMDS request, bounded, its failures as `ImdsError`; JSON back (None for a POST)."""
+    what = f"{method} {url}"
+    try:
+        async with session.request(
+            method,
+            url,
+            params={"api-version": api_version} if api_version else None,
+            json=body,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            allow_redirects=False,
+        ) as response:
+            text = await response.text(errors="replace")
+            if response.status != 200:
+                raise _status_error(what, response.status, text, response.headers)
+    except TimeoutError:
+        raise ImdsError(
+            f"{what}: no answer within {timeout:g}s", transient=True, unanswered=True
+        ) from None
+    except aiohttp.ClientConnectorError as error:  # never connected: nothing was sent
+        raise ImdsError(f"{what}: {error}", transient=True) from None
+    except aiohttp.ClientError as error:
+        raise ImdsError(
+            f"{what}: {error or type(error).__name__}", transient=True, unanswered=True
+        ) from None
+    if method == "POST":
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ImdsError(f"{what}: answer is not JSON ({error})", transient=True) from None
 
 
 def _status_error(what: str, status: int, text: str, headers: Any) -> ImdsError:

@@ -25,7 +25,7 @@ from typing import Literal
 
 from sidecar import lifecycle
 from sidecar.events import SCHEDULED, EventsDocument, ScheduledEvent
-from sidecar.settings import EventType, Settings
+from sidecar.settings import LEGACY_2016, EventType, Settings
 
 APPROVAL_MEMORY_SECONDS = 7 * 24 * 3600
 """How long an approved EventId is remembered after it left the document."""
@@ -73,6 +73,7 @@ class Policy:
     min_drain_seconds: float
     deadline_margin_seconds: float
     approve: Literal["leader", "always", "never"]
+    never_reason: str = "SIDECAR_APPROVE=never: the platform starts it at NotBefore"
     return_after: Literal["completed", "impact"] = "completed"
     impact_margin_seconds: float = 5.0
     retry_base_seconds: float = 1.0
@@ -80,13 +81,17 @@ class Policy:
 
     @classmethod
     def from_settings(cls, settings: Settings, vm_name: str) -> Policy:
+        legacy = settings.api_version == LEGACY_2016
         return cls(
             vm_name=vm_name,
             event_types=frozenset(str(kind) for kind in settings.event_types),
             drain_seconds=settings.drain_seconds,
             min_drain_seconds=min(settings.min_drain_seconds, settings.drain_seconds),
             deadline_margin_seconds=settings.deadline_margin_seconds,
-            approve=settings.approve,
+            approve="never" if legacy else settings.approve,
+            never_reason="the 2016 preview has no approval: the platform starts the maintenance"
+            if legacy
+            else cls.never_reason,
             return_after=settings.return_after,
             retry_max_seconds=settings.backoff_max,
         )
@@ -377,10 +382,14 @@ def _classify(
         why = "not in SIDECAR_EVENT_TYPES" if known else "an unknown event type"
         return replace(seen, reason=f"{event.event_type} is {why}")
 
+    manual = state.manual
     ours = replace(
         seen,
-        drain_started=_kept(before, "drain_started", now.mono),
-        drain_started_wall=_kept(before, "drain_started_wall", now.wall),
+        # out of rotation by hand already: the balancer stopped sending flows back then
+        drain_started=_kept(before, "drain_started", manual.since if manual else now.mono),
+        drain_started_wall=_kept(
+            before, "drain_started_wall", manual.since_wall if manual else now.wall
+        ),
         approved_wall=state.approved.get(event.event_id),
         boot_seen=before.boot_seen if before is not None else state.boot_id,
         attempts=before.attempts if before is not None else 0,
@@ -473,7 +482,7 @@ def _approval_time(
 ) -> tuple[float | None, str]:
     """When to approve (monotonic), or None and why we leave the start to the platform."""
     if policy.approve == "never":
-        return None, "SIDECAR_APPROVE=never: the platform starts it at NotBefore"
+        return None, policy.never_reason
     if policy.approve == "leader" and not event.led_by(policy.vm_name):
         return None, "the first VM in Resources is the leader and approves it"
     drain_until = drain_started + policy.drain_seconds

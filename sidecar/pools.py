@@ -269,6 +269,12 @@ class PoolAction:
             await self._save()
 
     async def _remove(self, network: ArmNetwork) -> None:
+        if self.settings.dry_run:  # read what would leave, write nothing
+            for nic in self.nics:
+                plan = await network.planned_removal(nic, self._chosen)
+                log.info("dry run: %s would leave backend pools %s", nic.name, _describe(plan))
+            self.removal_done = True
+            return
         for nic in self.nics:
 
             async def record(change: PoolsByIpConfig, nic_id: str = nic.id) -> None:

@@ -5,9 +5,9 @@ Invariants:
   answers in well under a millisecond of work whatever the drain loop is waiting for;
 - the probe answers whatever else happens on its port: at most `MAX_CONNECTIONS` are open (the
   oldest is shed to admit a new one), and a connection idle for `IDLE_SECONDS` is closed;
-- a client that is not on loopback sees what a load balancer and a dashboard need (phase,
-  reasons, times, counts), never identifiers or error texts (subscription, resource ids, other
-  VMs' names, ARM's messages with object ids).
+- a client that is not on loopback, without the admin token, sees what a load balancer and a
+  dashboard need (phase, reasons, times, counts), never identifiers or error texts
+  (subscription, resource ids, other VMs' names, ARM's messages with object ids).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import Any, cast
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 
-from sidecar import __version__
+from sidecar import __version__, admin
 from sidecar.drainer import Drainer
 from sidecar.metrics import Metrics
 from sidecar.supervise import Supervisor
@@ -39,17 +40,19 @@ SUPERVISOR = web.AppKey("supervisor", Supervisor)
 
 
 async def probe(request: web.Request) -> web.Response:
-    verdict = request.app[DRAINER].verdict()
-    return web.Response(status=200 if verdict == "serving" else 503, text=f"{verdict}\n")
+    serving, text = request.app[DRAINER].probe_answer()
+    return web.Response(status=200 if serving else 503, text=f"{text}\n")
 
 
 async def status(request: web.Request) -> web.Response:
-    detailed = is_loopback(request)
+    detailed = is_loopback(request) or admin.authorized(request)
     body: dict[str, Any] = {
         "version": __version__,
         **request.app[DRAINER].status(detailed=detailed),
         "tasks": request.app[SUPERVISOR].status(detailed=detailed),
-        "detail": "full" if detailed else "public: identifiers are shown to loopback clients",
+        "detail": "full"
+        if detailed
+        else "public: identifiers are shown to loopback clients and admin token holders",
     }
     return web.json_response(body)
 
@@ -67,14 +70,21 @@ def is_loopback(request: web.Request) -> bool:
         return request.remote is None
 
 
-def make_app(drainer: Drainer, supervisor: Supervisor, health_path: str) -> web.Application:
-    app = web.Application()
+def make_app(
+    drainer: Drainer,
+    supervisor: Supervisor,
+    health_path: str,
+    admin_token: SecretStr | None = None,
+) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024)
     app[DRAINER] = drainer
     app[METRICS] = drainer.metrics
     app[SUPERVISOR] = supervisor
     app.router.add_get(health_path, probe)  # GET and HEAD
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
+    if admin_token is not None:
+        admin.add_admin_routes(app, drainer, admin_token)
     return app
 
 

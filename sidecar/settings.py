@@ -535,6 +535,15 @@ class Settings(  # pydantic lists the fields of the last base first: GROUPS, rev
     )
 
     @model_validator(mode="after")
+    def _legacy_reads_no_resource_ids(self) -> Settings:
+        if self.api_version == LEGACY_2016 and self.arm_enabled:
+            raise ValueError(
+                "SIDECAR_API_VERSION=legacy-2016 reads no instance metadata, which pool removal "
+                "needs: leave SIDECAR_ARM_ENABLED off with it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _fleet_needs_arm(self) -> Settings:
         if (self.min_healthy_backends or self.peer_aware_approval) and not self.arm_enabled:
             raise ValueError(
