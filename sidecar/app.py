@@ -26,6 +26,7 @@ from sidecar.hooks import DrainHooks
 from sidecar.imds import ImdsClient, new_session
 from sidecar.legacy import LegacyClient
 from sidecar.metrics import Metrics
+from sidecar.notify import Notifier
 from sidecar.server import IDLE_SECONDS, MAX_CONNECTIONS, CappedSite, make_app
 from sidecar.settings import LEGACY_2016, Settings
 from sidecar.store import StateDocument, StateStore
@@ -106,6 +107,11 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         )
         drainer.add_gate(hooks)
         supervisor.start("hooks", hooks.run)
+    if settings.webhook_urls or settings.syslog_address:
+        notifier = Notifier(settings, document, metrics)
+        drainer.on_notice = notifier.publish
+        drainer.extra_status["notify"] = notifier.status
+        supervisor.start("notify", notifier.run)
     runner = web.AppRunner(
         make_app(drainer, supervisor, settings.health_path, settings.admin_token),
         access_log=None,

@@ -93,6 +93,9 @@ class AppHealth:
     def probe_hold(self) -> str | None:
         return None if self.healthy else "app unhealthy"
 
+    def failure(self) -> str | None:
+        return None  # the app's own health is its monitoring's business, not a maintenance
+
     def status(self, *, detailed: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"healthy": self.healthy, "last_check": format_time(self.last_check)}
         if detailed:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from sidecar import machine
+from sidecar import machine, notices
 from sidecar.backoff import Backoff
 from sidecar.connections import count_established
 from sidecar.events import EventsDocument, format_time
@@ -25,6 +25,7 @@ from sidecar.gates import Approval, Gate, Wanted
 from sidecar.imds import Compute, ImdsError
 from sidecar.machine import Decision, DrainState, Now, Phase, Policy
 from sidecar.metrics import Metrics
+from sidecar.notices import Notice
 from sidecar.records import SECTION, drain_section, restore_drain
 from sidecar.settings import LEGACY_2016, Settings
 from sidecar.store import StateDocument
@@ -84,6 +85,14 @@ class Drainer:
         self.identified = asyncio.Event()
         """Set once `vm_name` (and `compute`, when it is needed) are known."""
         self._policy: Policy | None = None
+        self.on_notice: Callable[[Notice], None] | None = None
+        """Where notices go (webhooks, syslog); None when nobody is to be told."""
+        self._ended: tuple[str, str, dict[str, Any] | None] | None = None
+        """A drain that ended and the VM not serving yet: its key, how it ended, its event."""
+        self._last_drain: str | None = None
+        self._failures: dict[str, str | None] = {}
+        self.extra_status: dict[str, Callable[..., dict[str, Any]]] = {}
+        """More parts of /status (the notifier's), each called with `detailed=`."""
         self._wake = asyncio.Event()
         self._verdict_logged: str | None = None
         self._skipped_logged: tuple[str, ...] = ()
@@ -256,10 +265,13 @@ class Drainer:
         return replace(state, waits_for=frozenset(waits), blocked_by=frozenset(blocks))
 
     async def _apply(self, decision: Decision, policy: Policy | None) -> None:
+        before = self.state
         self.state = self._follow_gates(decision.state)
         for change in decision.changes:
             self._log_change(change)
         self._publish()
+        if self.on_notice is not None:
+            self._tell(before, decision.changes)
         recorded = await self._persist()
         for action in decision.actions:
             if policy is None:
@@ -311,6 +323,29 @@ class Drainer:
     async def close(self) -> None:
         """Writes the final state; called on shutdown, after the loop stopped."""
         await self._persist()
+
+    def _tell(self, before: DrainState, changes: tuple[machine.Change, ...]) -> None:
+        """Notices for what this decision changed (the notifier drops repeats by key)."""
+        after, now, vm = self.state, time.time(), self.vm_name
+        told = notices.from_changes(before, after, changes, vm=vm, now=now)
+        key = notices.drain_key(after) or notices.drain_key(before)
+        self._last_drain = key or self._last_drain
+        if before.draining and not after.draining and key is not None:
+            main = before.events.get(key)
+            facts = notices.event_facts(main) if main is not None else None
+            self._ended = (key, notices.how_it_ended(before, after), facts)
+        if self._ended is not None and self.serving:
+            key, how, facts = self._ended
+            told.append(notices.back_in_rotation(key, how, facts, vm=vm, now=now))
+            self._ended = None
+        for gate in self.gates:
+            failure = gate.failure()
+            if failure is not None and failure != self._failures.get(gate.name):
+                told.append(notices.failure(self._last_drain, gate.name, failure, vm=vm, now=now))
+            self._failures[gate.name] = failure
+        for notice in told:
+            if self.on_notice is not None:
+                self.on_notice(replace(notice, dry_run=self.settings.dry_run))
 
     def _log_change(self, change: machine.Change) -> None:
         tracked = self.state.events.get(change.event_id)
@@ -374,6 +409,8 @@ class Drainer:
         }
         for gate in self.gates:
             body[gate.name] = gate.status(detailed=detailed)
+        for name, part in self.extra_status.items():
+            body[name] = part(detailed=detailed)
         if detailed:
             body["vm_name"] = self.vm_name
             body["approved"] = {

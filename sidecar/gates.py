@@ -67,5 +67,8 @@ class Gate(Protocol):
 
     def probe_hold(self) -> str | None: ...
 
+    def failure(self) -> str | None:
+        """A failure people should be told of (ARM refusing, a hook failing), or None."""
+
     def status(self, *, detailed: bool) -> dict[str, Any]:
         """Its part of /status; identifiers and error texts only when `detailed`."""

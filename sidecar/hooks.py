@@ -177,6 +177,12 @@ class DrainHooks:
     def probe_hold(self) -> str | None:
         return None
 
+    def failure(self) -> str | None:
+        run = self.run_state
+        if run is None or run.outcome != "failed":
+            return None
+        return f"the drain hook failed ({run.detail}): no early approval"
+
     def status(self, *, detailed: bool) -> dict[str, Any]:
         run = self.run_state
         body: dict[str, Any] = {

@@ -92,5 +92,12 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.webhooks = Counter(
+            "sidecar_webhook_deliveries",
+            "Webhook delivery attempts, by outcome (ok, error, dropped).",
+            ["outcome"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -94,6 +94,9 @@ class PoolAction:
             return "checking pools"
         return "restoring pools" if self.holds_probe else None
 
+    def failure(self) -> str | None:
+        return self.last_error
+
     def want(self, out: bool) -> None:
         if out == self.want_out:
             return

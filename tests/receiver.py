@@ -26,6 +26,8 @@ class Receiver:
         self.received: list[Received] = []
         self.status = 200
         self.delay = 0.0
+        self.failures_left = 0
+        self.failure_status = 500
         self._lock = threading.Lock()
         receiver = self
 
@@ -42,6 +44,9 @@ class Receiver:
                         Received(self.path, dict(self.headers), body, time.monotonic())
                     )
                     status, delay = receiver.status, receiver.delay
+                    if receiver.failures_left > 0:
+                        receiver.failures_left -= 1
+                        status = receiver.failure_status
                 time.sleep(delay)
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
@@ -62,6 +67,11 @@ class Receiver:
     def answer(self, status: int = 200, delay: float = 0.0) -> None:
         with self._lock:
             self.status, self.delay = status, delay
+
+    def fail_next(self, count: int, status: int = 500) -> None:
+        """The next `count` requests get `status`, whatever `answer` says."""
+        with self._lock:
+            self.failures_left, self.failure_status = count, status
 
     def calls(self, path: str | None = None) -> list[Received]:
         with self._lock:
