@@ -96,6 +96,9 @@ class AppHealth:
     def failure(self) -> str | None:
         return None  # the app's own health is its monitoring's business, not a maintenance
 
+    def keeps_serving(self) -> str | None:
+        return None
+
     def status(self, *, detailed: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"healthy": self.healthy, "last_check": format_time(self.last_check)}
         if detailed:

@@ -252,9 +252,11 @@ class Drainer:
 
     def _follow_gates(self, state: DrainState) -> DrainState:
         """Tells the gates what this state wants, then reads back what approval waits for."""
-        holds = any(gate.probe_hold() is not None for gate in self.gates)
-        wanted = Wanted.of(state, serving=state.serving and not holds)
-        waits, blocks = set(), set()
+        probe_held = any(gate.probe_hold() is not None for gate in self.gates)
+        wanted = Wanted.of(state, serving=state.serving and not probe_held)
+        waits: set[str] = set()
+        blocks: set[str] = set()
+        holds: set[str] = set()
         for gate in self.gates:
             gate.follow(wanted)
             answer = gate.approval()
@@ -262,7 +264,14 @@ class Drainer:
                 waits.add(gate.name)
             elif answer is Approval.BLOCK:
                 blocks.add(gate.name)
-        return replace(state, waits_for=frozenset(waits), blocked_by=frozenset(blocks))
+            if gate.keeps_serving() is not None:
+                holds.add(gate.name)
+        return replace(
+            state,
+            waits_for=frozenset(waits),
+            blocked_by=frozenset(blocks),
+            held_by=frozenset(holds),
+        )
 
     async def _apply(self, decision: Decision, policy: Policy | None) -> None:
         before = self.state

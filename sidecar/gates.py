@@ -4,7 +4,8 @@ A gate (the NIC's pools, the app's health, the app's drain hooks, ...) does its 
 its own and answers the drain loop from memory, at once:
 - `approval()`: OPEN; WAIT (approval waits for it, but not past the deadline); or BLOCK (no
   approval now, not even at the deadline: the platform starts the event at NotBefore);
-- `probe_hold()`: why the probe must not serve yet, or None.
+- `probe_hold()`: why the probe must not serve yet, or None;
+- `keeps_serving()`: why a new drain must wait, the VM still serving (capacity), or None.
 
 Invariant: the drain loop tells every gate what it wants after each decision (`follow`), and
 asks for answers only after that, so a gate is never consulted about a drain it has not heard of
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from sidecar.machine import DrainState, Manual, Tracked
+from sidecar.machine import DrainState, Manual, Phase, Tracked
 
 
 class Approval(StrEnum):
@@ -42,6 +43,8 @@ class Wanted:
     manual: Manual | None
     serving: bool = False
     """The probe answers 200 (as of the gates' answers before this decision)."""
+    held: tuple[Tracked, ...] = ()
+    """Events of ours whose drain a gate holds back (`Phase.HELD`)."""
 
     @classmethod
     def of(cls, state: DrainState, *, serving: bool) -> Wanted:
@@ -53,6 +56,7 @@ class Wanted:
             events=tuple(t for t in state.events.values() if t.holds_probe_down),
             manual=state.manual,
             serving=serving,
+            held=tuple(t for t in state.events.values() if t.phase is Phase.HELD),
         )
 
 
@@ -69,6 +73,9 @@ class Gate(Protocol):
 
     def failure(self) -> str | None:
         """A failure people should be told of (ARM refusing, a hook failing), or None."""
+
+    def keeps_serving(self) -> str | None:
+        """Why a new drain must wait with this VM still in rotation (capacity), or None."""
 
     def status(self, *, detailed: bool) -> dict[str, Any]:
         """Its part of /status; identifiers and error texts only when `detailed`."""

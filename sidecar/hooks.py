@@ -183,6 +183,9 @@ class DrainHooks:
             return None
         return f"the drain hook failed ({run.detail}): no early approval"
 
+    def keeps_serving(self) -> str | None:
+        return None
+
     def status(self, *, detailed: bool) -> dict[str, Any]:
         run = self.run_state
         body: dict[str, Any] = {

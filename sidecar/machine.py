@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from email.utils import formatdate
 from enum import StrEnum
 from typing import Literal
 
@@ -47,6 +48,8 @@ class Now:
 
 
 class Phase(StrEnum):
+    HELD = "held"
+    """Ours, but a gate (the capacity guard) keeps this VM serving a while before draining."""
     DRAINING = "draining"
     """Probe down; approval not due yet."""
     APPROVING = "approving"
@@ -131,10 +134,12 @@ class Tracked:
     """We saw it `Scheduled`, so a reboot after that is its impact (not an earlier one)."""
     impact_over_at: float | None = None
     """When a Freeze of known duration is over (`SIDECAR_RETURN_AFTER=impact` only)."""
+    hold_until: float | None = None
+    """Held: the last moment the drain can start and still last the minimum before NotBefore."""
 
     @property
     def holds_probe_down(self) -> bool:
-        return self.phase not in (Phase.IGNORED, Phase.OVER)
+        return self.phase not in (Phase.IGNORED, Phase.OVER, Phase.HELD)
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,8 @@ class DrainState:
     """Gates approval waits for until the deadline (e.g. the NIC still leaving its pools)."""
     blocked_by: frozenset[str] = frozenset()
     """Gates that allow no approval now, not even at the deadline (e.g. a failed drain hook)."""
+    held_by: frozenset[str] = frozenset()
+    """Gates that keep this VM serving before a new drain starts (the capacity guard)."""
     connections: int | None = None
     """Established connections to the app's ports while draining; None when not counted."""
     boot_id: str | None = None
@@ -196,6 +203,7 @@ class DrainState:
                 self.first_try_at(t) if t.phase is Phase.DRAINING else None,
                 t.retry_at if t.phase is Phase.APPROVING and not t.outcome_unknown else None,
                 t.impact_over_at if t.phase is Phase.STARTED else None,
+                t.hold_until if t.phase is Phase.HELD else None,
             )
             if moment is not None
         ]
@@ -278,7 +286,13 @@ def tick(state: DrainState, now: Now, policy: Policy) -> Decision:
     actions: list[Approve] = []
     changes: list[Change] = []
     events = dict(state.events)
-    for event_id, tracked in state.events.items():
+    for event_id, held in state.events.items():
+        tracked = held
+        if held.phase is Phase.HELD and (not state.held_by or _reached(held.hold_until, now)):
+            released = replace(state, held_by=frozenset())
+            tracked = _classify(_as_event(held), held, now, policy, released)
+            events[event_id] = tracked
+            changes.append(_change(held, tracked))
         over = (
             _impact_over(tracked, now, policy, state.boot_id)
             if tracked.phase is Phase.STARTED
@@ -402,6 +416,17 @@ def _classify(
         return _started(ours, before, now, policy, state.boot_id)
     if ours.approved_wall is not None:
         return replace(ours, phase=Phase.APPROVED, reason="approved earlier")
+    held = _held(event, before, now, policy, state)
+    if held is not None:
+        return replace(
+            ours,
+            phase=Phase.HELD,
+            drain_started=None,
+            drain_started_wall=None,
+            hold_until=held,
+            reason=f"kept serving by {', '.join(sorted(state.held_by))} until others are back; "
+            "drains by NotBefore minus the minimum drain at the latest",
+        )
     approve_at, reason = _approval_time(event, ours.drain_started or now.mono, now, policy)
     if approve_at is None:
         return replace(ours, phase=Phase.WAITING, reason=reason)
@@ -422,6 +447,35 @@ def _classify(
             last_error=before.last_error,
         )
     return replace(ours, phase=Phase.DRAINING, reason=reason)
+
+
+def _held(
+    event: ScheduledEvent, before: Tracked | None, now: Now, policy: Policy, state: DrainState
+) -> float | None:
+    """Until when a drain may wait for a gate, or None when it starts now: once started, a
+    drain never goes back; without NotBefore, or with no time left, nothing waits."""
+    if not state.held_by or state.manual is not None:
+        return None
+    if before is not None and before.phase is not Phase.HELD:
+        return None
+    not_before = event.not_before
+    if not_before is None:
+        return None
+    latest = _deadline(not_before, now, policy) - policy.min_drain_seconds
+    return latest if now.mono < latest else None
+
+
+def _as_event(tracked: Tracked) -> ScheduledEvent:
+    """An event as the document last showed it, to classify it again without a poll."""
+    not_before = tracked.not_before_wall
+    return ScheduledEvent(
+        event_id=tracked.event_id,
+        event_type=tracked.event_type,
+        resources=tracked.resources,
+        status=tracked.status or SCHEDULED,
+        not_before_text="" if not_before is None else formatdate(not_before, usegmt=True),
+        duration_seconds=tracked.duration_seconds,
+    )
 
 
 def _kept(before: Tracked | None, name: str, default: float) -> float:

@@ -97,6 +97,9 @@ class PoolAction:
     def failure(self) -> str | None:
         return self.last_error
 
+    def keeps_serving(self) -> str | None:
+        return None
+
     def want(self, out: bool) -> None:
         if out == self.want_out:
             return

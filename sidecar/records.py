@@ -23,7 +23,7 @@ def drain_section(state: DrainState, now: Now) -> dict[str, Any]:
     """The part of the drain state a restart needs: drains in progress and approvals made."""
     events = {}
     for event_id, tracked in sorted(state.events.items()):
-        if tracked.phase is Phase.IGNORED:
+        if tracked.phase in (Phase.IGNORED, Phase.HELD):  # a held VM serves: nothing to resume
             continue
         record: dict[str, Any] = {"type": tracked.event_type, "phase": tracked.phase.value}
         if tracked.drain_started_wall is not None:
