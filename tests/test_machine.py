@@ -466,7 +466,7 @@ step_strategy = st.one_of(
     st.tuples(st.just("wait"), st.floats(0, 60)),
     st.tuples(st.just("clock step"), st.floats(-7200, 7200)),
     st.tuples(st.just("answers"), st.sampled_from(["ok", "error", "unanswered"])),
-    st.tuples(st.just("gates"), st.sampled_from(["open", "wait", "block"])),
+    st.tuples(st.just("gates"), st.sampled_from(["open", "wait", "block", "hold"])),
     st.tuples(st.just("restart"), st.sampled_from(["A", "B"])),
 )
 
@@ -497,7 +497,8 @@ def test_never_approves_twice_nor_what_is_not_ours(
         elif kind == "gates":
             waits = frozenset({"g"}) if value == "wait" else frozenset()
             blocks = frozenset({"g"}) if value == "block" else frozenset()
-            state = replace(state, waits_for=waits, blocked_by=blocks)
+            holds = frozenset({"g"}) if value == "hold" else frozenset()
+            state = replace(state, waits_for=waits, blocked_by=blocks, held_by=holds)
             continue
         else:  # the process restarts: the state file is all that is left
             saved = {"drain": drain_section(state, now)}
@@ -524,5 +525,52 @@ def test_never_approves_twice_nor_what_is_not_ours(
             assert state.serving is (not holding)
             for event_id, seen in latest.items():
                 ours = seen.names(ME) and seen.event_type in policy.event_types
-                if ours and state.events[event_id].phase is not Phase.OVER:
+                if ours and state.events[event_id].phase not in (Phase.OVER, Phase.HELD):
                     assert not state.serving, "serving while an event of ours is pending"
+        for tracked in state.events.values():  # a drain, once begun, is never held again
+            if tracked.phase is Phase.HELD:
+                assert tracked.drain_started is None
+
+
+# --- the capacity guard: serving a while before the drain starts
+
+
+def test_a_held_drain_starts_when_the_gate_lets_go() -> None:
+    guarded = DrainState(held_by=frozenset({"capacity"}))
+    first = decide(guarded, doc(event(not_before=NOW + 900)), at())
+    tracked = first.state.events["e1"]
+    assert tracked.phase is Phase.HELD
+    assert first.state.serving, "held means still in rotation"
+    assert tracked.hold_until == mono(900 - 5 - 10)  # NotBefore - margin - minimum drain
+    still = decide(first.state, doc(event(not_before=NOW + 900), incarnation=2), at(60)).state
+    assert still.events["e1"].phase is Phase.HELD
+
+    released = machine.tick(replace(still, held_by=frozenset()), at(100), POLICY)
+    drained = released.state.events["e1"]
+    assert drained.phase is Phase.DRAINING
+    assert drained.drain_started == mono(100) and drained.approve_at == mono(130)
+    assert not released.state.serving
+    assert released.changes[0].before is Phase.HELD
+
+
+def test_a_held_drain_starts_anyway_when_only_the_minimum_is_left() -> None:
+    guarded = DrainState(held_by=frozenset({"capacity"}))
+    state = decide(guarded, doc(event(not_before=NOW + 60)), at()).state  # hold until +45
+    assert state.next_wakeup() == mono(45)
+    assert machine.tick(state, at(44.9), POLICY).state.events["e1"].phase is Phase.HELD
+    late = machine.tick(state, at(45), POLICY).state
+    assert late.events["e1"].phase is Phase.DRAINING
+    assert late.events["e1"].approve_at == mono(55), "the deadline: a short drain beats none"
+
+
+def test_a_started_drain_is_never_held_again() -> None:
+    draining = first_sight(event()).state
+    guarded = replace(draining, held_by=frozenset({"capacity"}))
+    again = decide(guarded, doc(event(), incarnation=2), at(5)).state
+    assert again.events["e1"].phase is Phase.DRAINING
+
+
+def test_nothing_is_held_without_time_to_spare() -> None:
+    guarded = DrainState(held_by=frozenset({"capacity"}))
+    short = decide(guarded, doc(event(kind="Preempt", not_before=NOW + 14)), at()).state
+    assert short.events["e1"].phase is not Phase.HELD
