@@ -162,10 +162,23 @@ def _start_pool_action(
 ) -> PoolGate:
     """Imports the Azure SDKs now, at start-up: a Preempt leaves 30 s, not time to import."""
     from sidecar.arm import ArmNetwork, NicRef
+    from sidecar.fleet import CapacityGuard, FleetView, Minimum, PeerApproval
     from sidecar.pools import PoolAction
 
     pools = PoolAction(settings, document, metrics, on_change=drainer.wake)
     drainer.add_gate(pools)
+    view = FleetView(settings, pools)
+    fleet: list[CapacityGuard | PeerApproval] = []
+    if settings.min_healthy_backends:
+        guard = CapacityGuard(
+            Minimum.parse(settings.min_healthy_backends), view, on_change=drainer.wake
+        )
+        guard.me = lambda: drainer.vm_name
+        fleet.append(guard)
+    if settings.peer_aware_approval:
+        fleet.append(PeerApproval(view, on_change=drainer.wake))
+    for gate in fleet:
+        drainer.add_gate(gate)
 
     async def run() -> None:
         await drainer.identified.wait()
@@ -178,8 +191,9 @@ def _start_pool_action(
             else ""
         )
         network = ArmNetwork(settings, subscription)
+        view.network = network
         try:
-            await pools.run(compute, network)
+            await asyncio.gather(pools.run(compute, network), *(gate.run() for gate in fleet))
         finally:
             await network.close()
 

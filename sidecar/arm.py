@@ -51,6 +51,8 @@ READ_PERMISSION = "Microsoft.Network/networkInterfaces/read"
 WRITE_PERMISSION = "Microsoft.Network/networkInterfaces/write"
 JOIN_PERMISSION = "Microsoft.Network/loadBalancers/backendAddressPools/join/action"
 APPGW_JOIN_PERMISSION = "Microsoft.Network/applicationGateways/backendAddressPools/join/action"
+POOL_READ_PERMISSION = "Microsoft.Network/loadBalancers/backendAddressPools/read"
+HEALTH_PERMISSION = "Microsoft.Network/loadBalancers/loadBalancingRules/health/action"
 CONFLICT_RETRIES = 5
 """Fresh read-modify-write rounds after a 412 before giving the round back to the caller."""
 PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 409})
@@ -85,10 +87,11 @@ class NicRef:
 
 @dataclass(frozen=True)
 class Recorded:
-    """What the NIC's own tags say was removed and not restored."""
+    """What the NIC's own tags say was removed and not restored, and its pools now."""
 
     removed: PoolsByIpConfig
     unreadable: list[str]
+    current: PoolsByIpConfig
 
 
 def is_uniform_scale_set(compute: Compute) -> bool:
@@ -99,6 +102,23 @@ def is_uniform_scale_set(compute: Compute) -> bool:
 
 def is_appgw_pool(pool_id: str) -> bool:
     return bool(_APPGW_POOL.search(pool_id))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend of a load-balancing rule, as its health shows it."""
+
+    ipconfig_id: str
+    address: str
+    up: bool
+
+
+@dataclass(frozen=True)
+class RuleHealth:
+    rule_id: str
+    up: int
+    down: int
+    backends: tuple[Backend, ...]
 
 
 class ArmNetwork:
@@ -151,7 +171,7 @@ class ArmNetwork:
         """The removal record in the NIC's tags (left by a sidecar that lost its state)."""
         current = await self._get(nic)
         removed, unreadable = pool_record.decode(nic.id, current.tags)
-        return Recorded(removed, unreadable)
+        return Recorded(removed, unreadable, self._checked(pools_by_ip_config, current))
 
     async def planned_removal(self, nic: NicRef, chosen: Callable[[str], bool]) -> PoolsByIpConfig:
         """What `remove_pools` would take out now (a dry run reads, never writes)."""
@@ -201,6 +221,72 @@ class ArmNetwork:
         if any(is_appgw_pool(p) for pools in removed.values() for p in pools):
             needed = APPGW_JOIN_PERMISSION
         return await self._update(nic, plan, apply, None, needed)
+
+    async def rules_of_pools(self, pool_ids: Iterable[str]) -> list[str]:
+        """The load-balancing rules that use these load-balancer pools (read from each pool)."""
+        rules: dict[str, str] = {}
+        operations = self.client.load_balancer_backend_address_pools
+        for pool_id in pool_ids:
+            if is_appgw_pool(pool_id):
+                continue  # an Application Gateway has no load-balancing rules
+            parts = parse_resource_id(pool_id)
+            pool = await self._call(
+                operations.get(
+                    str(parts["resource_group"]), str(parts["name"]), str(parts["child_name_1"])
+                ),
+                POOL_READ_PERMISSION,
+            )
+            props = pool.properties
+            for rule in (props.load_balancing_rules if props else None) or []:
+                if rule.id:
+                    rules.setdefault(rule.id.casefold(), rule.id)
+        return list(rules.values())
+
+    async def rule_health(self, rule_id: str) -> RuleHealth:
+        """Up and down counts and each backend's state (a long-running POST in ARM)."""
+        parts = parse_resource_id(rule_id)
+        group, balancer, rule = (
+            str(parts["resource_group"]),
+            str(parts["name"]),
+            str(parts["child_name_1"]),
+        )
+
+        async def health() -> Any:
+            operations = self.client.load_balancer_load_balancing_rules
+            poller = await operations.begin_health(group, balancer, rule)
+            return await poller.result()
+
+        result = await self._call(health(), HEALTH_PERMISSION)
+        try:
+            backends = tuple(
+                Backend(
+                    ipconfig_id=str(entry.network_interface_ip_configuration_id or ""),
+                    address=str(entry.ip_address or ""),
+                    up=str(entry.state or "").casefold() == "up",
+                )
+                for entry in result.load_balancer_backend_addresses or []
+            )
+            return RuleHealth(rule_id, int(result.up or 0), int(result.down or 0), backends)
+        except (AttributeError, TypeError, ValueError) as error:
+            raise ArmError(f"rule health cannot be read ({error})", permanent=False) from None
+
+    async def vm_names(self, resource_group: str) -> dict[str, str]:
+        """IP configuration id (folded) -> the VM name its NIC belongs to, for one group."""
+        names: dict[str, str] = {}
+
+        async def walk() -> None:
+            async for nic in self.client.network_interfaces.list(resource_group):
+                props = nic.properties
+                vm = props.virtual_machine if props else None
+                if vm is None or not vm.id:
+                    continue
+                name = vm.id.rstrip("/").rsplit("/", 1)[-1]
+                for config in (props.ip_configurations if props else None) or []:
+                    if config.id:
+                        names[config.id.casefold()] = name
+
+        await self._call(walk(), READ_PERMISSION)
+        return names
 
     async def _get(self, nic: NicRef) -> NetworkInterface:
         operations = self.client.network_interfaces

@@ -54,6 +54,8 @@ class PoolAction:
         self.on_change = on_change
         self.removed: dict[str, PoolsByIpConfig] = _restore_record(document.sections)
         self.nics: list[NicRef] = []
+        self.memberships: dict[str, PoolsByIpConfig] = {}
+        """Each NIC's pools as read at discovery (the fleet gates find their rules from them)."""
         self.mode = "discovering"
         self.note: str | None = None
         self._rediscover_on_drain = False
@@ -112,6 +114,13 @@ class PoolAction:
         else:
             self.restore_attempts = 0
         self._changed.set()
+
+    def known_pools(self) -> dict[str, PoolsByIpConfig]:
+        """Each NIC's pools: as read at discovery, with whatever is out of them now."""
+        return {
+            nic_id: merged(self.memberships.get(nic_id, {}), self.removed.get(nic_id, {}))
+            for nic_id in {*self.memberships, *self.removed}
+        }
 
     @property
     def settled(self) -> bool:
@@ -260,6 +269,7 @@ class PoolAction:
     async def _adopt_record(self, network: ArmNetwork, nic: NicRef) -> None:
         """A removal the NIC remembers and the state file does not (lost, damaged, replaced)."""
         recorded = await network.recorded(nic)
+        self.memberships[nic.id] = recorded.current
         for item in recorded.unreadable:
             log.warning("%s: unreadable entry in its removal record tag: %r", nic.name, item)
         known = self.removed.get(nic.id, {})
