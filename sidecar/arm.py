@@ -61,10 +61,19 @@ _APPGW_POOL = re.compile(r"/applicationGateways/[^/]+/backendAddressPools/[^/]+$
 
 
 class ArmError(Exception):
-    def __init__(self, message: str, *, permanent: bool, permission: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool,
+        permission: str | None = None,
+        retry_after: float = 0.0,
+    ) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.permission = permission
+        self.retry_after = retry_after
+        """ARM's Retry-After (a 429 or 503): the next try waits at least this long."""
 
 
 @dataclass(frozen=True)
@@ -384,7 +393,17 @@ def _translate(error: HttpResponseError, permission: str) -> ArmError:
         f"HTTP {status} {code or ''}: {message}".replace("  ", " "),
         permanent=status in PERMANENT_STATUSES,
         permission=needed if status == 403 else None,
+        retry_after=_retry_after(error),
     )
+
+
+def _retry_after(error: HttpResponseError) -> float:
+    headers = getattr(error.response, "headers", None) or {}
+    value = str(headers.get("Retry-After", ""))
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return 0.0
 
 
 def pools_by_ip_config(nic: NetworkInterface) -> PoolsByIpConfig:

@@ -208,7 +208,7 @@ class PoolAction:
         grant = (
             f"; grant {error.permission} to this VM's managed identity" if error.permission else ""
         )
-        delay = self._backoffs[action].next_delay()
+        delay = self._backoffs[action].next_delay(error.retry_after)
         if action == "restore":
             self.restore_attempts += 1
             log.error(
