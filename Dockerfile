@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # azure-drain-sidecar: `sidecar run` by default; `sidecar simulate` runs the IMDS/ARM simulator.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

@@ -73,6 +73,17 @@ def test_dockerfile_agrees_with_the_cli_and_the_settings() -> None:
     assert "--require-hashes" in (ROOT / "Dockerfile").read_text()
 
 
+def test_dockerfile_needs_no_registry_but_the_base_image() -> None:
+    """Found by a real build: `# syntax=docker/dockerfile:1` makes BuildKit pull a frontend image
+    at build time, so an offline or mirrored build fails there; no instruction here needs it."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE)
+    assert [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")] == [
+        "${PYTHON_IMAGE}",
+        "${PYTHON_IMAGE}",
+    ]
+
+
 def test_dockerfile_passes_hadolint() -> None:
     result = run(tool("hadolint"), "Dockerfile")
     assert result.returncode == 0, result.stdout + result.stderr
