@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar import __version__
 from sidecar.arm import JOIN_PERMISSION, READ_PERMISSION, WRITE_PERMISSION
 from sidecar.settings import Settings, env_name, render_value
 from tests.conftest import SidecarFactory
@@ -168,6 +169,35 @@ def test_compose_defaults_match_the_settings() -> None:
             assert default == expected, f"{variable}: compose says {default!r}, code {expected!r}"
     assert f"SIDECAR_STATE_FILE: {DEFAULTS.state_file}" in compose
     assert 'network_mode: "service:web"' in compose
+
+
+def service(compose: str, name: str) -> str:
+    """The lines of one service of a compose file (top-level keys are indented by two)."""
+    match = re.search(rf"^  {name}:\n((?:(?:    .*)?\n)*)", compose, re.MULTILINE)
+    assert match, f"no service {name}"
+    return match.group(1)
+
+
+def test_rehearsal_waits_for_a_healthy_simulator_that_keeps_no_volume() -> None:
+    """Found by a real run: `depends_on` did not wait for the simulator to listen (the sidecar's
+    first poll failed once), and the simulator left the image's VOLUME behind as an anonymous
+    volume at every `up`."""
+    rehearsal = (ROOT / "docker-compose.rehearsal.yml").read_text()
+    simulator = service(rehearsal, "simulator")
+    port = re.search(r"- --port\n\s+- \"(\d+)\"", simulator).group(1)
+    check = ["sidecar", "healthcheck", "--url", f"http://127.0.0.1:{port}/control"]
+    assert f"test: {json.dumps(['CMD', *check])}" in simulator
+    volume = json.loads(dockerfile()["VOLUME"][0])[0]
+    assert re.search(rf"^    tmpfs:\n      - {re.escape(volume)}$", simulator, re.MULTILINE)
+    assert "volumes:" not in simulator
+    sidecar = service(rehearsal, "sidecar")
+    assert re.search(r"depends_on:\n\s+simulator:\n\s+condition: service_healthy\n", sidecar)
+
+
+def test_compose_image_is_this_version() -> None:
+    for name in ("docker-compose.yml", "docker-compose.rehearsal.yml"):
+        text = (ROOT / name).read_text()
+        assert f"image: ${{SIDECAR_IMAGE:-azure-drain-sidecar:{__version__}}}" in text, name
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
