@@ -178,6 +178,16 @@ def service(compose: str, name: str) -> str:
     return match.group(1)
 
 
+def test_compose_sidecar_is_hardened() -> None:
+    """Asked by review; scripts/container-check runs it so and checks it still works."""
+    sidecar = service((ROOT / "docker-compose.yml").read_text(), "sidecar")
+    assert "read_only: true" in sidecar
+    assert re.search(r"^    tmpfs:\n      - /tmp:", sidecar, re.MULTILINE)
+    assert "cap_drop: [ALL]" in sidecar
+    assert 'security_opt: ["no-new-privileges:true"]' in sidecar
+    assert DEFAULTS.port >= 1024, "with no capabilities the probe cannot bind below 1024"
+
+
 def test_rehearsal_waits_for_a_healthy_simulator_that_keeps_no_volume() -> None:
     """Found by a real run: `depends_on` did not wait for the simulator to listen (the sidecar's
     first poll failed once), and the simulator left the image's VOLUME behind as an anonymous
