@@ -210,6 +210,22 @@ def test_compose_image_is_this_version() -> None:
         assert f"image: ${{SIDECAR_IMAGE:-azure-drain-sidecar:{__version__}}}" in text, name
 
 
+def test_ci_builds_and_runs_the_image() -> None:
+    """The README's main deployment is compose: CI builds the image and runs it, as a user would."""
+    ci = (ROOT / ".ci/run").read_text()
+    assert "scripts/container-check" in ci
+    for script in ("scripts/container-check", "scripts/container-standins"):
+        assert os.access(ROOT / script, os.X_OK), script
+    readme = (ROOT / "README.md").read_text()
+    assert "podman build --format docker" in readme, "podman drops HEALTHCHECK without it"
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    scripts = ["scripts/check", "scripts/container-check", "scripts/container-standins", ".ci/run"]
+    result = run(tool("shellcheck"), "--severity=warning", *scripts)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     analyze = tool("systemd-analyze")
     unit = (ROOT / "configs/systemd/azure-drain-sidecar.service").read_text()
