@@ -1,17 +1,20 @@
-# syntax=docker/dockerfile:1
 # azure-drain-sidecar: `sidecar run` by default; `sidecar simulate` runs the IMDS/ARM simulator.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# --- build: dependencies from the hash-pinned lock, then the package as a wheel
+# --- build: dependencies from the hash-pinned lock, then the package as a wheel, built by the
+# hash-pinned build backend in a venv of its own (pip would otherwise fetch hatchling unpinned)
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY requirements.lock ./
+COPY requirements.lock requirements-build.lock ./
 RUN python -m venv /opt/sidecar \
-    && /opt/sidecar/bin/pip install --require-hashes --no-deps -r requirements.lock
+    && /opt/sidecar/bin/pip install --require-hashes --no-deps -r requirements.lock \
+    && python -m venv /opt/build \
+    && /opt/build/bin/pip install --require-hashes --no-deps -r requirements-build.lock
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
-RUN /opt/sidecar/bin/pip wheel --no-deps --wheel-dir /wheels . \
+RUN /opt/build/bin/pip wheel --no-build-isolation --check-build-dependencies --no-deps \
+        --wheel-dir /wheels . \
     && /opt/sidecar/bin/pip install --no-deps /wheels/*.whl \
     && /opt/sidecar/bin/pip uninstall --yes pip setuptools \
     && find /opt/sidecar -name __pycache__ -prune -exec rm -rf {} +

@@ -55,10 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "check-config", help="validate SIDECAR_* settings and print the effective values"
     ).set_defaults(handler=_check_config)
-    commands.add_parser(
+    healthcheck = commands.add_parser(
         "healthcheck",
         help="exit 0 if the sidecar configured here answers on /status (container HEALTHCHECK)",
-    ).set_defaults(handler=_healthcheck)
+    )
+    healthcheck.add_argument(
+        "--url",
+        help="check this http(s) URL instead: exit 0 on a 2xx (e.g. the simulator's /control)",
+    )
+    healthcheck.set_defaults(handler=_healthcheck)
     status = commands.add_parser("status", help="print the running sidecar's /status as a table")
     status.add_argument("--json", action="store_true", help="print the JSON as served instead")
     status.set_defaults(handler=_status)
@@ -118,12 +123,14 @@ def _check_config(_: argparse.Namespace) -> int:
     return 0
 
 
-def _healthcheck(_: argparse.Namespace) -> int:
+def _healthcheck(args: argparse.Namespace) -> int:
     """Liveness, not readiness: a draining sidecar (probe 503) is healthy and must not be killed.
 
     Reads SIDECAR_HOST and SIDECAR_PORT itself: validating every setting costs pydantic's import
     (a tenth of a second of CPU), every ten seconds, for the life of the container.
     """
+    if args.url is not None:
+        return _healthcheck_url(args.url)
     import http.client
 
     port_text = os.environ.get("SIDECAR_PORT") or "8080"
@@ -168,6 +175,39 @@ def _events(_: argparse.Namespace) -> int:
         print(f"sidecar: events: {error}", file=sys.stderr)
         return 1
     print(view.render_events(document))
+    return 0
+
+
+def _healthcheck_url(url: str) -> int:
+    """The same check for another service (the rehearsal's simulator): any 2xx is healthy.
+
+    http.client, not urllib.request: a health check on loopback must never go through a proxy.
+    """
+    import http.client
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when not a number or out of range
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(url)
+    except ValueError:
+        print(f"sidecar: healthcheck: --url {url!r} is not an http(s) URL", file=sys.stderr)
+        return 1
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname, port, timeout=3)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        connection.request("GET", path)
+        status = connection.getresponse().status
+    except OSError as error:
+        print(f"sidecar: healthcheck: {url}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    if not 200 <= status < 300:
+        print(f"sidecar: healthcheck: {url} answered {status}", file=sys.stderr)
+        return 1
     return 0
 
 

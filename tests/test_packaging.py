@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar import __version__
 from sidecar.arm import JOIN_PERMISSION, READ_PERMISSION, WRITE_PERMISSION
 from sidecar.settings import Settings, env_name, render_value
 from tests.conftest import SidecarFactory
@@ -73,6 +74,43 @@ def test_dockerfile_agrees_with_the_cli_and_the_settings() -> None:
     assert "--require-hashes" in (ROOT / "Dockerfile").read_text()
 
 
+def test_dockerfile_needs_no_registry_but_the_base_image() -> None:
+    """Found by a real build: `# syntax=docker/dockerfile:1` makes BuildKit pull a frontend image
+    at build time, so an offline or mirrored build fails there; no instruction here needs it."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE)
+    assert [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")] == [
+        "${PYTHON_IMAGE}",
+        "${PYTHON_IMAGE}",
+    ]
+
+
+def pinned_names(lock: str) -> set[str]:
+    return {
+        match.group(1).lower().replace("_", "-")
+        for match in re.finditer(r"^([A-Za-z0-9_.-]+)==\S+ \\$", lock, re.MULTILINE)
+    }
+
+
+def requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_build_backend_is_pinned_with_hashes_too() -> None:
+    """Found by a real build: `pip wheel .` fetched hatchling unpinned, the one part of the image
+    outside the hashes. The wheel is built by the locked backend, with build isolation off."""
+    build_system = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]
+    lock = (ROOT / "requirements-build.lock").read_text()
+    pinned = pinned_names(lock)
+    for requirement in build_system["requires"]:
+        assert requirement_name(requirement) in pinned, f"{requirement} is not in the build lock"
+    assert lock.count("--hash=sha256:") >= len(pinned) >= 2
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
+    assert "--require-hashes --no-deps -r requirements-build.lock" in text
+    assert re.search(r"pip wheel --no-build-isolation --check-build-dependencies\b", text)
+    assert "!requirements-build.lock" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
 def test_dockerfile_passes_hadolint() -> None:
     result = run(tool("hadolint"), "Dockerfile")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -81,12 +119,9 @@ def test_dockerfile_passes_hadolint() -> None:
 def test_lock_pins_every_dependency_with_hashes() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     lock = (ROOT / "requirements.lock").read_text()
-    pinned = {
-        match.group(1).lower().replace("_", "-")
-        for match in re.finditer(r"^([A-Za-z0-9_.-]+)==\S+ \\$", lock, re.MULTILINE)
-    }
+    pinned = pinned_names(lock)
     for requirement in project["dependencies"]:
-        name = re.split(r"[<>=!~\[ ]", requirement, maxsplit=1)[0].lower()
+        name = requirement_name(requirement)
         assert name in pinned, f"{name} is not pinned in requirements.lock"
     assert lock.count("--hash=sha256:") >= len(pinned)
 
@@ -134,6 +169,61 @@ def test_compose_defaults_match_the_settings() -> None:
             assert default == expected, f"{variable}: compose says {default!r}, code {expected!r}"
     assert f"SIDECAR_STATE_FILE: {DEFAULTS.state_file}" in compose
     assert 'network_mode: "service:web"' in compose
+
+
+def service(compose: str, name: str) -> str:
+    """The lines of one service of a compose file (top-level keys are indented by two)."""
+    match = re.search(rf"^  {name}:\n((?:(?:    .*)?\n)*)", compose, re.MULTILINE)
+    assert match, f"no service {name}"
+    return match.group(1)
+
+
+def test_compose_sidecar_is_hardened() -> None:
+    """Asked by review; scripts/container-check runs it so and checks it still works."""
+    sidecar = service((ROOT / "docker-compose.yml").read_text(), "sidecar")
+    assert "read_only: true" in sidecar
+    assert re.search(r"^    tmpfs:\n      - /tmp:", sidecar, re.MULTILINE)
+    assert "cap_drop: [ALL]" in sidecar
+    assert 'security_opt: ["no-new-privileges:true"]' in sidecar
+    assert DEFAULTS.port >= 1024, "with no capabilities the probe cannot bind below 1024"
+
+
+def test_rehearsal_waits_for_a_healthy_simulator_that_keeps_no_volume() -> None:
+    """Found by a real run: `depends_on` did not wait for the simulator to listen (the sidecar's
+    first poll failed once), and the simulator left the image's VOLUME behind as an anonymous
+    volume at every `up`."""
+    rehearsal = (ROOT / "docker-compose.rehearsal.yml").read_text()
+    simulator = service(rehearsal, "simulator")
+    port = re.search(r"- --port\n\s+- \"(\d+)\"", simulator).group(1)
+    check = ["sidecar", "healthcheck", "--url", f"http://127.0.0.1:{port}/control"]
+    assert f"test: {json.dumps(['CMD', *check])}" in simulator
+    volume = json.loads(dockerfile()["VOLUME"][0])[0]
+    assert re.search(rf"^    tmpfs:\n      - {re.escape(volume)}$", simulator, re.MULTILINE)
+    assert "volumes:" not in simulator
+    sidecar = service(rehearsal, "sidecar")
+    assert re.search(r"depends_on:\n\s+simulator:\n\s+condition: service_healthy\n", sidecar)
+
+
+def test_compose_image_is_this_version() -> None:
+    for name in ("docker-compose.yml", "docker-compose.rehearsal.yml"):
+        text = (ROOT / name).read_text()
+        assert f"image: ${{SIDECAR_IMAGE:-azure-drain-sidecar:{__version__}}}" in text, name
+
+
+def test_ci_builds_and_runs_the_image() -> None:
+    """The README's main deployment is compose: CI builds the image and runs it, as a user would."""
+    ci = (ROOT / ".ci/run").read_text()
+    assert "scripts/container-check" in ci
+    for script in ("scripts/container-check", "scripts/container-standins"):
+        assert os.access(ROOT / script, os.X_OK), script
+    readme = (ROOT / "README.md").read_text()
+    assert "podman build --format docker" in readme, "podman drops HEALTHCHECK without it"
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    scripts = ["scripts/check", "scripts/container-check", "scripts/container-standins", ".ci/run"]
+    result = run(tool("shellcheck"), "--severity=warning", *scripts)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
