@@ -313,15 +313,28 @@ def tick(state: DrainState, now: Now, policy: Policy) -> Decision:
             continue
         if not first_try:
             reason = f"retry {tracked.attempts + 1}"
-        elif _reached(tracked.approve_at, now):
-            reason = "drain period over"
         else:
-            reason = "no connections left to the app"
+            reason = _why_now(tracked, state, now)
         events[event_id] = replace(tracked, phase=Phase.APPROVING, reason=reason, retry_at=None)
         actions.append(Approve(event_id))
         if first_try:
             changes.append(_change(tracked, events[event_id]))
     return Decision(replace(state, events=events), tuple(actions), tuple(changes))
+
+
+def _why_now(tracked: Tracked, state: DrainState, now: Now) -> str:
+    """Why a first approval goes now, for the log and /status."""
+    deadline = tracked.deadline
+    at_deadline = deadline is not None and _reached(deadline, now)
+    if state.waits_for and at_deadline:
+        waiting = ", ".join(sorted(state.waits_for))
+        return f"NotBefore is near: approving without waiting longer for {waiting}"
+    if not _reached(tracked.approve_at, now):
+        return "no connections left to the app"
+    if at_deadline and tracked.approve_at is not None and deadline is not None:
+        if tracked.approve_at >= deadline:
+            return "NotBefore is near"
+    return "drain period over"
 
 
 def approval_succeeded(state: DrainState, event_id: str, now: Now) -> Decision:
