@@ -311,10 +311,7 @@ def tick(state: DrainState, now: Now, policy: Policy) -> Decision:
         )
         if not (first_try or retry) or event_id in state.approved:
             continue
-        if not first_try:
-            reason = f"retry {tracked.attempts + 1}"
-        else:
-            reason = _why_now(tracked, state, now)
+        reason = _why_now(tracked, state, now) if first_try else f"retry {tracked.attempts + 1}"
         events[event_id] = replace(tracked, phase=Phase.APPROVING, reason=reason, retry_at=None)
         actions.append(Approve(event_id))
         if first_try:
@@ -331,9 +328,9 @@ def _why_now(tracked: Tracked, state: DrainState, now: Now) -> str:
         return f"NotBefore is near: approving without waiting longer for {waiting}"
     if not _reached(tracked.approve_at, now):
         return "no connections left to the app"
-    if at_deadline and tracked.approve_at is not None and deadline is not None:
-        if tracked.approve_at >= deadline:
-            return "NotBefore is near"
+    approve_at = tracked.approve_at
+    if at_deadline and approve_at is not None and deadline is not None and approve_at >= deadline:
+        return "NotBefore is near"
     return "drain period over"
 
 
