@@ -11,6 +11,7 @@ closed last; all within a few seconds, exit code 0.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import resource
 import signal
@@ -160,8 +161,12 @@ def _start_pool_action(
     drainer: Drainer,
     supervisor: Supervisor,
 ) -> PoolGate:
-    """Imports the Azure SDKs now, at start-up: a Preempt leaves 30 s, not time to import."""
-    from sidecar.arm import ArmNetwork, NicRef
+    """Pool removal's gates exist from the start; the Azure SDKs (about 60 MiB and half a second
+    of CPU) load only when ARM is first needed: a drain, an event the capacity guard holds, or
+    pools to put back. Loading them then takes well under a second, in a thread, while the probe
+    keeps answering; a Preempt's 30 s notice leaves room for it."""
+    from sidecar.arm_check import recorded_removals
+    from sidecar.arm_model import NicRef
     from sidecar.fleet import CapacityGuard, FleetView, Minimum, PeerApproval
     from sidecar.pools import PoolAction
 
@@ -180,8 +185,26 @@ def _start_pool_action(
     for gate in fleet:
         drainer.add_gate(gate)
 
+    async def needed_now() -> bool:
+        """At start-up: only when something may be out of its pools."""
+        if pools.removed:
+            return True
+        if document.store.existed and document.store.report.problem is None:
+            return False  # an intact state file without removals: the NICs have no record
+        recorded = await recorded_removals(settings)
+        if recorded is None:
+            return True  # the child could not tell: check here, with retries
+        await pools.adopt(recorded)
+        return bool(pools.removed)
+
     async def run() -> None:
         await drainer.identified.wait()
+        if not await needed_now():
+            log.info("pool removal ready: the Azure SDKs load when a drain first needs them")
+            pools.startup_checked = True
+            drainer.wake()
+            await pools.arm_wanted.wait()
+        arm = await asyncio.to_thread(importlib.import_module, "sidecar.arm")
         compute = drainer.compute
         subscription = (
             NicRef.parse(settings.nic_id).subscription
@@ -190,8 +213,9 @@ def _start_pool_action(
             if compute is not None
             else ""
         )
-        network = ArmNetwork(settings, subscription)
+        network = arm.ArmNetwork(settings, subscription)
         view.network = network
+        pools.mode = "discovering"
         try:
             await asyncio.gather(pools.run(compute, network), *(gate.run() for gate in fleet))
         finally:

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from azure.core.exceptions import (
@@ -40,6 +39,22 @@ from azure.mgmt.network.models import (
 )
 
 from sidecar import pool_record
+from sidecar.arm_model import (
+    APPGW_JOIN_PERMISSION,
+    HEALTH_PERMISSION,
+    JOIN_PERMISSION,
+    POOL_READ_PERMISSION,
+    READ_PERMISSION,
+    WRITE_PERMISSION,
+    ArmError,
+    Backend,
+    NicRef,
+    Recorded,
+    RuleHealth,
+    folded,
+    is_appgw_pool,
+    merged,
+)
 from sidecar.imds import Compute
 from sidecar.pool_record import PoolsByIpConfig
 from sidecar.settings import Settings
@@ -47,87 +62,10 @@ from sidecar.settings import Settings
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-READ_PERMISSION = "Microsoft.Network/networkInterfaces/read"
-WRITE_PERMISSION = "Microsoft.Network/networkInterfaces/write"
-JOIN_PERMISSION = "Microsoft.Network/loadBalancers/backendAddressPools/join/action"
-APPGW_JOIN_PERMISSION = "Microsoft.Network/applicationGateways/backendAddressPools/join/action"
-POOL_READ_PERMISSION = "Microsoft.Network/loadBalancers/backendAddressPools/read"
-HEALTH_PERMISSION = "Microsoft.Network/loadBalancers/loadBalancingRules/health/action"
 CONFLICT_RETRIES = 5
 """Fresh read-modify-write rounds after a 412 before giving the round back to the caller."""
 PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 409})
 _ACTION_IN_MESSAGE = re.compile(r"perform action(?:\(s\))? '([^']+)'")
-_APPGW_POOL = re.compile(r"/applicationGateways/[^/]+/backendAddressPools/[^/]+$", re.IGNORECASE)
-
-
-class ArmError(Exception):
-    def __init__(
-        self,
-        message: str,
-        *,
-        permanent: bool,
-        permission: str | None = None,
-        retry_after: float = 0.0,
-    ) -> None:
-        super().__init__(message)
-        self.permanent = permanent
-        self.permission = permission
-        self.retry_after = retry_after
-        """ARM's Retry-After (a 429 or 503): the next try waits at least this long."""
-
-
-@dataclass(frozen=True)
-class NicRef:
-    id: str
-    subscription: str
-    resource_group: str
-    name: str
-
-    @classmethod
-    def parse(cls, resource_id: str) -> NicRef:
-        parts = parse_resource_id(resource_id)
-        return cls(
-            resource_id,
-            str(parts["subscription"]),
-            str(parts["resource_group"]),
-            str(parts["name"]),
-        )
-
-
-@dataclass(frozen=True)
-class Recorded:
-    """What the NIC's own tags say was removed and not restored, and its pools now."""
-
-    removed: PoolsByIpConfig
-    unreadable: list[str]
-    current: PoolsByIpConfig
-
-
-def is_uniform_scale_set(compute: Compute) -> bool:
-    """Uniform instances have `…/virtualMachineScaleSets/S/virtualMachines/N` ids (Flexible
-    instances are plain VMs); their NICs can only be written through the Compute API."""
-    return bool(compute.scale_set) and "/virtualmachinescalesets/" in compute.resource_id.lower()
-
-
-def is_appgw_pool(pool_id: str) -> bool:
-    return bool(_APPGW_POOL.search(pool_id))
-
-
-@dataclass(frozen=True)
-class Backend:
-    """One backend of a load-balancing rule, as its health shows it."""
-
-    ipconfig_id: str
-    address: str
-    up: bool
-
-
-@dataclass(frozen=True)
-class RuleHealth:
-    rule_id: str
-    up: int
-    down: int
-    backends: tuple[Backend, ...]
 
 
 class ArmNetwork:
@@ -214,7 +152,7 @@ class ArmNetwork:
             present = pools_by_ip_config(current)
             wanted = merged(removed, recorded)  # the state file keeps the NIC's own order
             missing = {
-                name: [p for p in pools if p.casefold() not in _folded(present.get(name, []))]
+                name: [p for p in pools if p.casefold() not in folded(present.get(name, []))]
                 for name, pools in wanted.items()
                 if name in present
             }
@@ -428,18 +366,9 @@ def _leaving(nic: NetworkInterface, chosen: Callable[[str], bool]) -> PoolsByIpC
     }
 
 
-def merged(recorded: Mapping[str, list[str]], change: Mapping[str, list[str]]) -> PoolsByIpConfig:
-    """The union of two records, per IP configuration, ids compared case-insensitively."""
-    result = {config: list(pools) for config, pools in recorded.items()}
-    for config, pools in change.items():
-        known = _folded(result.get(config, []))
-        result[config] = [*result.get(config, []), *(p for p in pools if p.casefold() not in known)]
-    return result
-
-
 def without(nic: NetworkInterface, change: PoolsByIpConfig) -> None:
     for config, props in _ip_configs(nic, change):
-        leaving = _folded(change[config])
+        leaving = folded(change[config])
         lb = props.load_balancer_backend_address_pools or []
         props.load_balancer_backend_address_pools = [
             pool for pool in lb if (pool.id or "").casefold() not in leaving
@@ -485,7 +414,3 @@ def _ip_configs(
     for config in (props.ip_configurations if props else None) or []:
         if config.name in change and config.properties is not None:
             yield config.name, config.properties
-
-
-def _folded(ids: Iterable[str]) -> set[str]:
-    return {item.casefold() for item in ids}

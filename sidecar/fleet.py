@@ -30,14 +30,17 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sidecar.arm import ArmError, ArmNetwork, RuleHealth
+from sidecar.arm_model import ArmError, RuleHealth
 from sidecar.backoff import Backoff
 from sidecar.gates import Approval, Wanted
 from sidecar.machine import Tracked
 from sidecar.pools import PoolAction
 from sidecar.settings import MIN_HEALTHY_PATTERN, Settings
+
+if TYPE_CHECKING:  # the SDK side, imported only when ARM is first needed
+    from sidecar.arm import ArmNetwork
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +209,8 @@ class CapacityGuard:
 
     def follow(self, wanted: Wanted) -> None:
         held = tuple(t for t in wanted.held)
+        if held:
+            self.view.pools.arm_wanted.set()
         if {t.event_id for t in held} != {t.event_id for t in self.held}:
             self.held = held
             self._changed.set()

@@ -20,9 +20,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sidecar.arm import ArmError, ArmNetwork, NicRef, is_uniform_scale_set, merged
+from sidecar.arm_model import ArmError, NicRef, is_uniform_scale_set, merged
 from sidecar.backoff import Backoff
 from sidecar.gates import Approval, Wanted
 from sidecar.imds import Compute
@@ -30,6 +30,9 @@ from sidecar.metrics import Metrics
 from sidecar.pool_record import PoolsByIpConfig
 from sidecar.settings import Settings
 from sidecar.store import StateDocument
+
+if TYPE_CHECKING:  # the SDK side, imported only when ARM is first needed
+    from sidecar.arm import ArmNetwork
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +56,13 @@ class PoolAction:
         self.metrics = metrics
         self.on_change = on_change
         self.removed: dict[str, PoolsByIpConfig] = _restore_record(document.sections)
+        self.arm_wanted = asyncio.Event()
+        """Set when ARM is first needed (a drain, pools to put back): the SDKs load then."""
         self.nics: list[NicRef] = []
         self.memberships: dict[str, PoolsByIpConfig] = {}
         """Each NIC's pools as read at discovery (the fleet gates find their rules from them)."""
-        self.mode = "discovering"
+        self.mode = "standby"
+        """standby (no ARM needed yet), discovering, active, probe-only."""
         self.note: str | None = None
         self._rediscover_on_drain = False
         self.want_out: bool | None = None
@@ -64,6 +70,8 @@ class PoolAction:
         self.gave_up = False
         self.restore_attempts = 0
         self.discover_attempts = 0
+        self.startup_checked = False
+        """Whether start-up has looked for pools to put back (state file, or the NICs' tags)."""
         self.last_error: str | None = None
         self.failures = 0
         self._pool_filter = {pool.casefold() for pool in settings.backend_pool_ids}
@@ -92,8 +100,8 @@ class PoolAction:
     def probe_hold(self) -> str | None:
         if self.want_out is not False:
             return None
-        if self.discover_attempts == 0:  # the NIC's own record may name pools to put back
-            return "checking pools"
+        if not self.startup_checked:
+            return "checking pools"  # the NIC's own record may name pools to put back
         return "restoring pools" if self.holds_probe else None
 
     def failure(self) -> str | None:
@@ -103,6 +111,8 @@ class PoolAction:
         return None
 
     def want(self, out: bool) -> None:
+        if out or self.removed:
+            self.arm_wanted.set()
         if out == self.want_out:
             return
         self.want_out = out
@@ -197,6 +207,7 @@ class PoolAction:
         finally:
             if action == "discover":
                 self.discover_attempts += 1
+                self.startup_checked = True
         self.metrics.arm_operations.labels(action, "ok").inc()
         self._backoffs[action].reset()
         self.last_error = None
@@ -272,17 +283,30 @@ class PoolAction:
         self.memberships[nic.id] = recorded.current
         for item in recorded.unreadable:
             log.warning("%s: unreadable entry in its removal record tag: %r", nic.name, item)
-        known = self.removed.get(nic.id, {})
-        combined = merged(known, recorded.removed)
-        if combined != known:
-            log.warning(
-                "%s's own tags say it left backend pools %s that the state file does not "
-                "record; it goes back once no drain is due",
-                nic.name,
-                _describe(recorded.removed),
-            )
-            self.removed[nic.id] = combined
-            await self._save()
+        await self.adopt({nic.id: recorded.removed})
+
+    async def adopt(self, recorded: dict[str, Any]) -> None:
+        """Removals the NICs' own tags record, merged into ours (and into the state file)."""
+        for nic_id, configs in recorded.items():
+            if not isinstance(configs, dict):
+                continue
+            removed = {
+                str(config): [str(pool) for pool in pools if isinstance(pool, str)]
+                for config, pools in configs.items()
+                if isinstance(pools, list)
+            }
+            known = self.removed.get(str(nic_id), {})
+            combined = merged(known, removed)
+            if combined != known:
+                log.warning(
+                    "%s's own tags say it left backend pools %s that the state file does not "
+                    "record; it goes back once no drain is due",
+                    _name(str(nic_id)),
+                    _describe(removed),
+                )
+                self.removed[str(nic_id)] = combined
+                self.arm_wanted.set()
+                await self._save()
 
     async def _remove(self, network: ArmNetwork) -> None:
         if self.settings.dry_run:  # read what would leave, write nothing

@@ -60,6 +60,8 @@ class StateStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.report = LoadReport()
+        self.existed = False
+        """Whether a state file was there to read at start-up."""
         self._last_written: bytes | None = None
 
     def check_writable(self) -> None:
@@ -81,7 +83,9 @@ class StateStore:
         except FileNotFoundError:
             return {}
         except OSError as error:
+            self.existed = True
             return self._damaged(f"cannot be read ({error.strerror or error})", b"")
+        self.existed = True
         try:
             document = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.arm import Backend, RuleHealth
+from sidecar.arm_model import Backend, RuleHealth
 from sidecar.fleet import Minimum, guard_verdict, peers_out
 
 NETWORK = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Network"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sidecar import __version__
-from sidecar.arm import JOIN_PERMISSION, READ_PERMISSION, WRITE_PERMISSION
+from sidecar.arm_model import JOIN_PERMISSION, READ_PERMISSION, WRITE_PERMISSION
 from sidecar.settings import Settings, env_name, render_value
 from tests.conftest import SidecarFactory
 from tests.support import Simulator, child_env
