@@ -65,6 +65,11 @@ log = logging.getLogger(__name__)
 CONFLICT_RETRIES = 5
 """Fresh read-modify-write rounds after a 412 before giving the round back to the caller."""
 PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 409})
+IN_FLIGHT = frozenset({"updating", "creating", "deleting"})
+"""A NIC's provisioningState while a change is still being applied."""
+FAILED = "failed"
+RETRYABLE_CODES = frozenset({"AnotherOperationInProgress", "RetryableError"})
+"""409s that ARM means as "try again shortly", not as a refusal."""
 _ACTION_IN_MESSAGE = re.compile(r"perform action(?:\(s\))? '([^']+)'")
 
 
@@ -256,7 +261,15 @@ class ArmNetwork:
         """Read, plan, persist, write with If-Match; a 412 starts over from a fresh read."""
         for _ in range(CONFLICT_RETRIES):
             current = await self._get(nic)
+            state = self._checked(_provisioning, current)
+            if state in IN_FLIGHT:  # an earlier change (ours, before a restart?) is not done
+                raise ArmError(
+                    f"{nic.name} is {state}: waiting for an earlier change to finish",
+                    permanent=False,
+                )
             change = self._checked(plan, current)
+            if change is None and state == FAILED:
+                change = {}  # the last change failed: apply the NIC as it should be again
             if change is None:
                 return {}
             if before_write is not None:
@@ -329,7 +342,7 @@ def _translate(error: HttpResponseError, permission: str) -> ArmError:
     needed = named.group(1).split(",")[0] if named else permission
     return ArmError(
         f"HTTP {status} {code or ''}: {message}".replace("  ", " "),
-        permanent=status in PERMANENT_STATUSES,
+        permanent=status in PERMANENT_STATUSES and code not in RETRYABLE_CODES,
         permission=needed if status == 403 else None,
         retry_after=_retry_after(error),
     )
@@ -356,6 +369,11 @@ def pools_by_ip_config(nic: NetworkInterface) -> PoolsByIpConfig:
         ) or []
         result[config.name or ""] = [pool.id for pool in (*lb, *agw) if pool.id]
     return result
+
+
+def _provisioning(nic: NetworkInterface) -> str:
+    props = nic.properties
+    return str((props.provisioning_state if props else None) or "").casefold()
 
 
 def _leaving(nic: NetworkInterface, chosen: Callable[[str], bool]) -> PoolsByIpConfig:
