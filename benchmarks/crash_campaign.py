@@ -7,9 +7,9 @@ One `sidecar simulate` (IMDS and ARM) and one `sidecar run` (SIDECAR_ARM_ENABLED
 0-3 times, each time restarted after a random pause, while this script reads its /status (and
 the NIC) every ~75 ms: the kill point of a kill is the phase of the last answer seen before it
 (`removing` is `draining` with the NIC's removal not done yet; `starting` is a sidecar that has
-not answered since its restart). Kills are *timed* (the first at a random moment of the ~9 s
+not answered since its restart). Kills are *timed* (the first at a random moment of the 6.5 s
 from the run's start: before the event, mid-removal, around the approval, while Started, while
-restoring, after; the next ones 0-4 s after the previous restart) or, in a third of the runs,
+restoring, after; the next ones 0-3 s after the previous restart) or, in 40 % of the runs,
 *targeted* (at the first sight of chosen phases, to reach the short ones). Before some restarts
 the state file is deleted, truncated at a random byte or replaced by random bytes. A few runs
 carry one simulator fault that widens a window: a slow removal PUT or operation, a slow restore
@@ -59,10 +59,10 @@ MARGIN_SECONDS = 5.0
 IMDS_TIMEOUT = 2.0
 EVENT_AT = 1.5
 """Seconds from a run's start to its event: timed kills before it hit the quiet sidecar."""
-KILL_WINDOW = 9.0
-"""A run's first timed kill falls in [0, KILL_WINDOW] s from its start: the whole maintenance
-(about 6 s undisturbed) and after."""
-NEXT_KILL = 4.0
+KILL_WINDOW = 6.5
+"""A run's first timed kill falls in [0, KILL_WINDOW] s from its start: before the event, the
+whole maintenance (about 4 s undisturbed) and a little after."""
+NEXT_KILL = 3.0
 """Later timed kills fall in [0, NEXT_KILL] s after the previous restart."""
 TICK = 0.075
 NIC = "web-1-nic"
@@ -91,7 +91,7 @@ class Config:
     runs: int
     seed: int
     kills: tuple[int, int] = (0, 3)
-    targeted_share: float = 1 / 3
+    targeted_share: float = 0.4
     damage_share: float = 0.45
     """Of the runs with at least one kill (so about a third of all runs)."""
     fault_share: float = 0.4
@@ -559,6 +559,7 @@ def summarize(config: Config, records: list[RunRecord], seconds: float) -> dict[
         "kills": len(kills),
         "kill_points": dict(Counter(k["phase"] for k in kills).most_common()),
         "kill_triggers": dict(Counter(k["trigger"] for k in kills).most_common()),
+        "nic_at_kills": dict(Counter(k["nic"] for k in kills).most_common()),
         "damages": dict(Counter(k["damage"]["kind"] for k in kills if k["damage"]).most_common()),
         "faults": dict(Counter(r.fault for r in records if r.fault).most_common()),
         "approved_runs": sum(1 for r in records if r.approvals),
@@ -573,6 +574,8 @@ def render(results: dict[str, Any]) -> str:
         ("runs with a kill", results["runs_with_kills"]),
         ("kills (SIGKILL + restart)", results["kills"]),
         *((f"  killed while {phase}", n) for phase, n in results["kill_points"].items()),
+        ("the NIC at the kills (pools, provisioning state)", ""),
+        *((f"  {state}", n) for state, n in results["nic_at_kills"].items()),
         ("state files damaged", sum(results["damages"].values())),
         *((f"  {kind}", n) for kind, n in results["damages"].items()),
         ("runs with a fault", sum(results["faults"].values())),
