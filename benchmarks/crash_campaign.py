@@ -252,7 +252,8 @@ class Campaign:
     def ready(self) -> bool:
         status = self.status()
         ok = status is not None and status["state"] == "serving"
-        return ok and status is not None and status["pools"]["mode"] == "active"
+        # standby: pool removal ready, its SDKs loaded when a drain first needs them
+        return ok and status is not None and status["pools"]["mode"] in ("active", "standby")
 
     # --- one run
 

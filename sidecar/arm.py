@@ -373,7 +373,8 @@ def pools_by_ip_config(nic: NetworkInterface) -> PoolsByIpConfig:
 
 def _provisioning(nic: NetworkInterface) -> str:
     props = nic.properties
-    return str((props.provisioning_state if props else None) or "").casefold()
+    state = props.provisioning_state if props else None
+    return str(getattr(state, "value", state) or "").casefold()  # an enum's str is its name
 
 
 def _leaving(nic: NetworkInterface, chosen: Callable[[str], bool]) -> PoolsByIpConfig:

@@ -12,22 +12,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from benchmarks.crash_campaign import Config, run_campaign
-from tests.arm_support import EMPTY, arm_simulator, pool_status, pools
+from tests.arm_support import EMPTY, arm_simulator, pools
 from tests.conftest import SidecarFactory
 from tests.support import Simulator, wait_for
 
 CONFIG = Config(runs=5, seed=20261122, kills=(1, 3), targeted_share=0.5)
-
-
-def open_bug(violation: dict[str, Any]) -> bool:
-    """The one violation the campaign found, still open: see the test below. Remove this (and
-    the xfail below) with the fix."""
-    return violation["invariant"] == "2" and "the removal operation" in violation["detail"]
 
 
 def test_crash_campaign_keeps_every_invariant(tmp_path: Path) -> None:
@@ -36,12 +29,10 @@ def test_crash_campaign_keeps_every_invariant(tmp_path: Path) -> None:
         {key: results[key] for key in ("kills", "kill_points", "damages", "faults", "violations")},
         indent=1,
     )
-    assert not [v for v in results["violations"] if not open_bug(v)], shown
+    assert not results["violations"], shown
     assert results["kills"] >= CONFIG.runs, f"a campaign that never kills proves nothing\n{shown}"
     assert len(results["kill_points"]) >= 3, f"kills landed in too few phases\n{shown}"
     assert results["approved_runs"] == CONFIG.runs, shown
-    if results["violations"]:
-        pytest.xfail(f"the open bug below showed up:\n{shown}")
 
 
 @pytest.fixture
@@ -52,18 +43,14 @@ def simulator(tmp_path: Path) -> Iterator[Simulator]:
     sim.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a sidecar restarted while its removal PUT's operation still runs finds the "
-    "NIC out of its pools and approves without waiting for the operation (crash campaign: "
-    "python -m benchmarks.crash_campaign --run-seed 1823296038, one kill at `removing`)",
-)
 def test_restart_while_the_removal_operation_runs_still_waits_for_it(
     simulator: Simulator, start_arm_sidecar: SidecarFactory
 ) -> None:
+    """Found by the crash campaign (python -m benchmarks.crash_campaign --run-seed 1823296038,
+    one kill at `removing`): the restarted sidecar found the NIC already out of its pools and
+    approved while the removal's operation was still running."""
     sidecar = start_arm_sidecar(drain_seconds="1")
     sidecar.wait_probe(200)
-    wait_for(lambda: pool_status(sidecar)["mode"] == "active", "NIC discovery")
     simulator.fault(target="arm-operation", kind="slow", seconds=600)  # ARM takes its time
     event = simulator.add_event(type="Reboot", not_before_in=900)
     wait_for(lambda: pools(simulator) == EMPTY, "the removal PUT to be applied")
