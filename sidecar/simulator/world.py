@@ -1,4 +1,4 @@
-"""The whole simulated world, in memory: VMs, events, NICs, tokens, operations, faults.
+"""The whole simulated world, in memory: VMs, events, NICs, load balancers, tokens, faults.
 
 Invariants: all simulator state hangs off one ``World`` (no module-level mutable state); the
 world does no I/O and reads time only through its injected clock, so tests can drive time by
@@ -18,10 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.simulator import ids, seed
+from sidecar.simulator.appgw import GatewayStore
 from sidecar.simulator.errors import ControlError
 from sidecar.simulator.events import EventBook, EventSpec, ScheduledEvent, parse_event_spec
 from sidecar.simulator.faults import FaultBook
+from sidecar.simulator.health import HealthBook
 from sidecar.simulator.identity import Permissions, TokenBook
+from sidecar.simulator.lb import LoadBalancerStore
+from sidecar.simulator.loopback import PortBook
 from sidecar.simulator.lro import IN_PROGRESS, OperationBook
 from sidecar.simulator.network import Nic, NicStore
 from sidecar.simulator.times import Clock
@@ -102,10 +106,17 @@ class World:
         self.operations = OperationBook(self.clock)
         self.faults.clear()
         self.permissions = Permissions()
+        self.lbs = LoadBalancerStore()
+        self.appgws = GatewayStore()
+        self.ports = PortBook()
+        self.lb_health = HealthBook()
         self._populate()
 
     def _populate(self) -> None:
         config = self.config
+        where = (config.subscription_id, config.resource_group, config.location)
+        self.lbs.add(seed.load_balancer(*where))
+        self.appgws.add(seed.application_gateway(*where))
         default = self.new_vm(config.default_vm)
         self.add_vm(default, nic=False)
         self.nics.add(seed.default_nic(default), nic_id=seed.nic_resource_id(default))
@@ -193,6 +204,9 @@ class World:
             self.nics.add(doc, nic_id=nic_id, uniform=vm.orchestration == UNIFORM)
         return vm
 
+    def vm_by_resource_id(self, resource_id: str) -> Vm | None:
+        return next((vm for vm in self.vms.values() if ids.same(vm.resource_id, resource_id)), None)
+
     def resource_group_exists(self, resource_group: str) -> bool:
         wanted = resource_group.casefold()
         if wanted == self.config.resource_group.casefold():
@@ -211,6 +225,15 @@ class World:
             resource_group,
             load_balancer or seed.LOAD_BALANCER,
             pool,
+        )
+
+    def expand_appgw_pool(self, reference: str, resource_group: str) -> str:
+        """An application-gateway pool id from a full id, ``gateway/pool`` or a pool of agw-web."""
+        if reference.startswith("/"):
+            return reference
+        gateway, _, pool = reference.rpartition("/")
+        return ids.appgw_pool_id(
+            self.config.subscription_id, resource_group, gateway or seed.APP_GATEWAY, pool
         )
 
     # Events --------------------------------------------------------------------------------
