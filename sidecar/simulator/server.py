@@ -44,6 +44,7 @@ def world_config(options: SimulatorOptions) -> WorldConfig:
         started_seconds=options.started_seconds,
         arm_retry_after=options.arm_retry_after,
         arm_page_size=options.arm_page_size,
+        arm_throttle=options.arm_throttle,
         schedule=tuple((s.event_type, s.seconds) for s in options.schedule),
     )
 

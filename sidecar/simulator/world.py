@@ -4,7 +4,8 @@ Invariants: all simulator state hangs off one ``World`` (no module-level mutable
 world does no I/O and reads time only through its injected clock, so tests can drive time by
 hand; ``reset`` rebuilds the initial scenario (events, VMs, NICs, operations, permissions,
 settings; faults are cleared) but keeps what belongs to the platform rather than the scenario:
-issued tokens (a running sidecar's cached token stays valid), the request counts, fault ids
+issued tokens (a running sidecar's cached token stays valid), the request counts, ARM's
+throttling buckets, fault ids
 (a request still held by an old hang is released, never re-captured) and a never-decreasing
 ``DocumentIncarnation``.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.simulator import ids, seed
@@ -28,6 +29,7 @@ from sidecar.simulator.lb import LoadBalancerStore
 from sidecar.simulator.loopback import PortBook
 from sidecar.simulator.lro import IN_PROGRESS, OperationBook
 from sidecar.simulator.network import Nic, NicStore
+from sidecar.simulator.throttle import Throttle, ThrottleSettings
 from sidecar.simulator.times import Clock
 from sidecar.simulator.traffic import RequestLog
 from sidecar.simulator.vms import UNIFORM, Vm
@@ -44,6 +46,7 @@ class WorldConfig:
     started_seconds: float = 5.0
     arm_retry_after: float = 1.0
     arm_page_size: int = 0
+    arm_throttle: bool = False
     schedule: tuple[tuple[str, float | None], ...] = ()
     """Events (type, seconds until NotBefore or None for the type's notice) at start-up."""
 
@@ -55,18 +58,21 @@ class Settings:
     started_seconds: float
     arm_retry_after: float
     arm_page_size: int
+    arm_throttle: ThrottleSettings = field(default_factory=ThrottleSettings)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "started_seconds": self.started_seconds,
             "arm_retry_after": self.arm_retry_after,
             "arm_page_size": self.arm_page_size,
+            "arm_throttle": self.arm_throttle.to_json(),
         }
 
     def update(self, body: object) -> None:
         if not isinstance(body, dict):
             raise ControlError(400, "settings must be a JSON object")
-        unknown = sorted(set(body) - {"started_seconds", "arm_retry_after", "arm_page_size"})
+        known = {"started_seconds", "arm_retry_after", "arm_page_size", "arm_throttle"}
+        unknown = sorted(set(body) - known)
         if unknown:
             raise ControlError(400, f"unknown settings: {', '.join(unknown)}")
         for key in ("started_seconds", "arm_retry_after"):
@@ -82,6 +88,8 @@ class Settings:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise ControlError(400, "'arm_page_size' must be a non-negative integer")
             self.arm_page_size = size
+        if "arm_throttle" in body:
+            self.arm_throttle.update(body["arm_throttle"])
 
 
 class World:
@@ -93,12 +101,16 @@ class World:
         self.tokens = TokenBook(clock)
         self.requests = RequestLog(clock)
         self.faults = FaultBook(clock)
+        self.throttle = Throttle(clock)
         self._build(incarnation=0)
 
     def _build(self, incarnation: int) -> None:
         config = self.config
         self.settings = Settings(
-            config.started_seconds, config.arm_retry_after, config.arm_page_size
+            config.started_seconds,
+            config.arm_retry_after,
+            config.arm_page_size,
+            ThrottleSettings(enabled=config.arm_throttle),
         )
         self.events = EventBook(self.clock, incarnation)
         self.vms: dict[str, Vm] = {}
