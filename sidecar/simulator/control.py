@@ -25,6 +25,7 @@ from sidecar.simulator.identity import parse_denials
 from sidecar.simulator.loopback import parse_ports
 from sidecar.simulator.network import APPGW_POOLS, Nic, custom_nic
 from sidecar.simulator.responses import control_error, control_json
+from sidecar.simulator.roles import parse_assignments
 from sidecar.simulator.vms import Vm, parse_vm
 from sidecar.simulator.world import World
 
@@ -77,8 +78,12 @@ ENDPOINTS: tuple[tuple[str, str, str], ...] = (
     ("GET", "/control/application-gateways", "application gateways and their pools"),
     ("POST", "/control/application-gateways", "add an application gateway (201)"),
     ("GET", "/control/operations", "ARM long-running operations"),
-    ("GET", "/control/permissions", "denied actions"),
-    ("PUT", "/control/permissions", 'replace denied actions: {"deny": [{"action","scope","vm"}]}'),
+    ("GET", "/control/permissions", "denied actions and role assignments"),
+    (
+        "PUT",
+        "/control/permissions",
+        'replace them: {"deny": [{"action","scope","vm"}]} and/or {"role": <role JSON>}',
+    ),
     ("DELETE", "/control/permissions", "allow everything again"),
     ("POST", "/control/reset", "back to the initial world"),
 )
@@ -481,8 +486,14 @@ async def get_permissions(request: web.Request) -> web.Response:
 @routes.put("/control/permissions")
 @endpoint
 async def put_permissions(request: web.Request) -> web.Response:
+    """Denials (``deny``) and/or role assignments (``role`` + ``scope``/``vm``, or
+    ``assignments``): all of it replaced at once."""
     world = request.app[WORLD]
-    world.permissions.replace(parse_denials(await read_json(request)))
+    body = await read_json(request)
+    if not isinstance(body, dict) or not {"deny", "role", "assignments"} & set(body):
+        raise ControlError(400, 'expected {"deny": [...]} and/or {"role": <Azure role definition>}')
+    denials = parse_denials({"deny": body.get("deny", [])})
+    world.permissions.replace(denials, parse_assignments(body))
     return control_json(world.permissions.to_json())
 
 
