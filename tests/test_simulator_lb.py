@@ -298,3 +298,25 @@ def test_adding_a_load_balancer_with_the_control_api(sim: RunningSimulator) -> N
         1,
         3,
     )
+
+
+def test_a_fleet_of_150_vms_is_served_quickly(sim: RunningSimulator) -> None:
+    fleet = [{"name": f"vm-{i:03}", "pools": ["pool-http"]} for i in range(150)]
+    assert sim.control("POST", "/vms", fleet).status == 201
+
+    async def scenario(client: NetworkManagementClient) -> tuple[int, tuple[int, int]]:
+        listed = [nic async for nic in client.network_interfaces.list(RG)]
+        pool = await client.load_balancer_backend_address_pools.get(RG, "lb-web", "pool-http")
+        health = await (
+            await client.load_balancer_load_balancing_rules.begin_health(RG, "lb-web", "rule-http")
+        ).result()
+        return len(listed), (len(pool.backend_ip_configurations), health.up)
+
+    count, (members, up) = client_run(sim, scenario)
+    assert count == 153 and members == 153 and up == 153
+    slowest = max(
+        e["duration_ms"]
+        for e in sim.control("GET", "/requests").json()["log"]
+        if e["kind"] != "token"
+    )
+    assert slowest < 2000, f"an ARM answer took {slowest} ms with 150 VMs"

@@ -124,7 +124,7 @@ async def index(request: web.Request) -> web.Response:
     urls, world = request.app[URLS], request.app[WORLD]
     return control_json(
         {
-            "simulator": "Azure IMDS + ARM (network interfaces) fake for rehearsing maintenance",
+            "simulator": "Azure IMDS + ARM (NICs, load balancers) fake for rehearsing maintenance",
             "urls": urls.to_json(),
             "environment": {
                 "SIDECAR_IMDS_URL": urls.imds_url,
