@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import time
 import zlib
@@ -24,6 +25,7 @@ from sidecar.simulator.health import BackendKey
 from sidecar.simulator.loopback import LOOPBACK
 from sidecar.simulator.world import World
 
+_log = logging.getLogger(__name__)
 RECONCILE_SECONDS = 0.2
 """How often the prober looks for backends that came, went or changed port."""
 
@@ -126,7 +128,10 @@ class Prober:
         probed = {key for key, target in self._targets.items() if target.port is not None}
         for key in list(self._tasks):
             if key not in probed or self._tasks[key].done():
-                self._tasks.pop(key).cancel()
+                task = self._tasks.pop(key)
+                task.cancel()
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: a loop that ended is restarted below
         for key in probed - set(self._tasks):
             self._tasks[key] = asyncio.create_task(self._probe_loop(key), name=f"lb-probe {key[1]}")
 
@@ -162,5 +167,8 @@ class Prober:
             if target is None or target.port is None:
                 return
             started = loop.time()
-            await self._probe(target)
+            try:
+                await self._probe(target)
+            except Exception:  # a bug in one probe must not end this backend's probing
+                _log.exception("load balancer probe of %s failed", target.member.ipconfig_id)
             await asyncio.sleep(max(0.0, started + target.probe.interval - loop.time()))

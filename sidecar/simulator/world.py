@@ -2,12 +2,11 @@
 
 Invariants: all simulator state hangs off one ``World`` (no module-level mutable state); the
 world does no I/O and reads time only through its injected clock, so tests can drive time by
-hand; ``reset`` rebuilds the initial scenario (events, VMs, NICs, operations, permissions,
-settings; faults are cleared) but keeps what belongs to the platform rather than the scenario:
-issued tokens (a running sidecar's cached token stays valid), the request counts, ARM's
-throttling buckets, fault ids
-(a request still held by an old hang is released, never re-captured) and a never-decreasing
-``DocumentIncarnation``.
+hand; ``reset`` rebuilds the initial scenario (events, VMs, NICs, load balancers, operations,
+permissions, settings; faults are cleared) but keeps what belongs to the platform rather than
+the scenario: issued tokens (a running sidecar's cached token stays valid), the request
+counts, ARM's throttling buckets, fault ids (a request still held by an old hang is released,
+never re-captured) and a never-decreasing ``DocumentIncarnation``.
 """
 
 from __future__ import annotations
@@ -216,14 +215,13 @@ class World:
             self.nics.add(doc, nic_id=nic_id, uniform=vm.orchestration == UNIFORM)
         return vm
 
-    def vm_by_resource_id(self, resource_id: str) -> Vm | None:
-        return next((vm for vm in self.vms.values() if ids.same(vm.resource_id, resource_id)), None)
-
     def resource_group_exists(self, resource_group: str) -> bool:
         wanted = resource_group.casefold()
         if wanted == self.config.resource_group.casefold():
             return True
         if any(vm.resource_group.casefold() == wanted for vm in self.vms.values()):
+            return True
+        if any(lb.resource_group.casefold() == wanted for lb in self.lbs.all()):
             return True
         return any(nic.resource_group.casefold() == wanted for nic in self.nics.all())
 
