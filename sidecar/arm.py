@@ -70,7 +70,11 @@ IN_FLIGHT = frozenset({"updating", "creating", "deleting"})
 FAILED = "failed"
 RETRYABLE_CODES = frozenset({"AnotherOperationInProgress", "RetryableError"})
 """409s that ARM means as "try again shortly", not as a refusal."""
-_ACTION_IN_MESSAGE = re.compile(r"perform action(?:\(s\))? '([^']+)'")
+_ACTION_IN_MESSAGE = re.compile(
+    r"does not have (?:authorization|permission) to perform action(?:\(s\))? '([^']+)'"
+)
+"""The action missing, in AuthorizationFailed and in LinkedAuthorizationFailed (whose message
+first names the write the caller may do, then the join it may not)."""
 
 
 class ArmNetwork:

@@ -328,3 +328,20 @@ def test_drain_hook_comes_after_the_nic_left_its_pools(
         assert call.wall >= epoch(removal["finished_at"]), "new flows could still arrive"
     finally:
         receiver.close()
+
+
+def test_a_linked_check_names_the_join_that_is_missing(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> None:
+    """ARM checks the join action on every resource a NIC PUT links, changed or not: without
+    the subnet's, removal is refused, and the log must name that action, not the NIC write
+    ARM's message mentions first."""
+    join = "Microsoft.Network/virtualNetworks/subnets/join/action"
+    simulator.control("PUT", "/permissions", {"deny": [{"action": join}]})
+    sidecar = start_arm_sidecar(drain_seconds="1")
+    sidecar.wait_probe(200)
+    event = simulator.add_event(type="Reboot", not_before_in=900)
+    wait_for(lambda: simulator.approvals_of(event["EventId"]), "the probe-only approval")
+    log = sidecar.process.output()
+    assert f"grant {join} to this VM's managed identity" in log, log
+    assert "grant Microsoft.Network/networkInterfaces/write" not in log

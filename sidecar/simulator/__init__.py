@@ -2,8 +2,10 @@
 
 It serves, on loopback over real HTTP/HTTPS: Scheduled Events (with approvals and a simulated
 platform that starts and retires events), instance metadata, managed-identity tokens, and ARM
-network interfaces (list, get, PUT with If-Match and a long-running operation), plus a control
-API to script scenarios and inject faults. Start it with `sidecar simulate` or, in Python,
+network interfaces (list, get, PUT with If-Match and a long-running operation) and load
+balancers (reads, rule health), with ARM's permission checks and throttling; load balancers
+that probe real apps on loopback and forward flows to them; plus a control API to script
+scenarios and inject faults. Start it with `sidecar simulate` or, in Python,
 `sidecar.simulator.server.Simulator`.
 
 Invariant: this subpackage imports nothing from the rest of ``sidecar``. It is an independent

@@ -1,10 +1,11 @@
-"""The ARM side: network interfaces (list, get, PUT) and the operations PUTs start.
+"""The ARM side: routing every ARM request, and network interfaces (list, get, PUT).
 
-Invariants: checks run in ARM's order: bearer token (401), api-version (400), subscription and
-resource group (404), role assignment (403), resource (404), then the resource provider's own
-checks (If-Match 412, body 400, linked access 403); names and ids compare case-insensitively;
-a PUT answers 200/201 with ``Azure-AsyncOperation`` and ``Retry-After`` and leaves the NIC
-``Updating`` until its operation succeeds.
+Invariants: checks run in ARM's order (``armchecks``): bearer token (401), api-version (400),
+subscription and resource group (404), role assignment (403), resource (404), then the resource
+provider's own checks (If-Match 412, body 400, linked access 403); names and ids compare
+case-insensitively; a PUT answers 200/201 with ``Azure-AsyncOperation`` and ``Retry-After`` and
+leaves the NIC ``Updating`` until its operation succeeds. Load balancers live in ``arm_lb``,
+operation URLs in ``arm_ops``.
 """
 
 from __future__ import annotations
@@ -14,28 +15,24 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.simulator import ids, routing
-from sidecar.simulator.endpoints import RECORD, WORLD
+from sidecar.simulator import arm_lb, arm_ops, ids, routing
+from sidecar.simulator.armchecks import (
+    api_version,
+    authenticate,
+    authorize,
+    check_scope,
+    not_found,
+)
+from sidecar.simulator.endpoints import WORLD
 from sidecar.simulator.errors import ArmError
-from sidecar.simulator.identity import ARM_AUDIENCES, TENANT_ID, Token
-from sidecar.simulator.lro import IN_PROGRESS
-from sidecar.simulator.network import Nic, added_references, merge_put
+from sidecar.simulator.identity import Token
+from sidecar.simulator.network import Nic, linked_references, merge_put
 from sidecar.simulator.responses import arm_error, arm_json, seconds_text
-from sidecar.simulator.times import iso8601
-from sidecar.simulator.versions import NETWORK_NEWEST, VMSS_NETWORK_NEWEST, network_version_ok
+from sidecar.simulator.versions import NETWORK_NEWEST, VMSS_NETWORK_NEWEST
 from sidecar.simulator.world import World
 
 READ = "Microsoft.Network/networkInterfaces/read"
 WRITE = "Microsoft.Network/networkInterfaces/write"
-_AUDIENCES_TEXT = ",".join(
-    f"'{a}'"
-    for a in (
-        "https://management.core.windows.net/",
-        "https://management.core.windows.net",
-        "https://management.azure.com/",
-        "https://management.azure.com",
-    )
-)
 
 
 def add_arm_routes(app: web.Application) -> None:
@@ -62,7 +59,11 @@ async def _dispatch(
 ) -> web.Response:
     method, name, params = request.method, route.name, route.params
     if name == "operation" and method == "GET":
-        return _operation(world, request, params, token)
+        return arm_ops.operation_status(world, request, params, token)
+    if name == "operation-result" and method == "GET":
+        return arm_ops.operation_result(world, request, params, token)
+    if name == "lb" or name.startswith("lb-"):
+        return await arm_lb.dispatch(world, request, route, token)
     if name == "nic-list-all" and method == "GET":
         return _list(world, request, params, token, resource_group=None)
     if name == "nic-list" and method == "GET":
@@ -76,7 +77,7 @@ async def _dispatch(
     if name == "vmss-nic" and method == "GET":
         return _vmss_get(world, request, params, token)
     if name == "vmss-nic" and method == "PUT":
-        _api_version(request, NETWORK_NEWEST)
+        api_version(request, NETWORK_NEWEST)
         raise ArmError(
             409,
             "OperationNotAllowed",
@@ -87,97 +88,6 @@ async def _dispatch(
         405,
         "MethodNotAllowed",
         f"The simulator does not implement '{method}' on '{request.path}'.",
-    )
-
-
-def authenticate(world: World, request: web.Request) -> Token:
-    challenge = {
-        "WWW-Authenticate": f'Bearer authorization_uri="https://login.microsoftonline.com/'
-        f'{TENANT_ID}", error="invalid_token", error_description="The authentication failed '
-        "because of missing 'Authorization' header.\""
-    }
-    header = request.headers.get("Authorization")
-    if not header:
-        raise ArmError(
-            401,
-            "AuthenticationFailed",
-            "Authentication failed. The 'Authorization' header is missing.",
-            challenge,
-        )
-    scheme, _, value = header.partition(" ")
-    if scheme.casefold() != "bearer" or not value.strip():
-        raise ArmError(
-            401,
-            "AuthenticationFailedInvalidHeader",
-            "Authentication failed. The 'Authorization' header is provided in an invalid format.",
-        )
-    token = world.tokens.find(value.strip())
-    if token is None:
-        raise ArmError(401, "InvalidAuthenticationToken", "The access token is invalid.")
-    if world.tokens.expired(token):
-        raise ArmError(
-            401,
-            "ExpiredAuthenticationToken",
-            f"The access token expiry UTC time '{iso8601(token.expires_at)}' is earlier than "
-            f"current UTC time '{iso8601(world.now())}'.",
-        )
-    if token.resource not in ARM_AUDIENCES:
-        raise ArmError(
-            401,
-            "InvalidAuthenticationTokenAudience",
-            f"The access token has been obtained for wrong audience or resource "
-            f"'{token.resource}'. It should exactly match with one of the allowed audiences "
-            f"{_AUDIENCES_TEXT}.",
-        )
-    return token
-
-
-def _api_version(request: web.Request, newest_allowed: str) -> str:
-    versions = request.query.getall("api-version", [])
-    if not versions:
-        raise ArmError(
-            400,
-            "MissingApiVersionParameter",
-            "The api-version query parameter (?api-version=) is required for all requests.",
-        )
-    version = versions[0]
-    if not network_version_ok(version, newest_allowed):
-        raise ArmError(
-            400,
-            "InvalidApiVersionParameter",
-            f"The api-version '{version}' is invalid. The supported versions are dates up to "
-            f"'{newest_allowed}'.",
-        )
-    return version
-
-
-def _scope(world: World, params: Mapping[str, str]) -> None:
-    if not ids.same(params["sub"], world.config.subscription_id):
-        raise ArmError(
-            404, "SubscriptionNotFound", f"The subscription '{params['sub']}' could not be found."
-        )
-    rg = params.get("rg")
-    if rg is not None and not world.resource_group_exists(rg):
-        raise ArmError(404, "ResourceGroupNotFound", f"Resource group '{rg}' could not be found.")
-
-
-def _authorize(world: World, token: Token, action: str, scope: str) -> None:
-    if not world.permissions.allowed(action, scope, token.vm):
-        raise ArmError(
-            403,
-            "AuthorizationFailed",
-            f"The client '{token.principal_id}' with object id '{token.principal_id}' does not "
-            f"have authorization to perform action '{action}' over scope '{scope}' or the scope "
-            "is invalid. If access was recently granted, please refresh your credentials.",
-        )
-
-
-def _not_found(kind: str, name: str, resource_group: str) -> ArmError:
-    return ArmError(
-        404,
-        "ResourceNotFound",
-        f"The Resource '{kind}/{name}' under resource group '{resource_group}' was not found. "
-        "For more details please go to https://aka.ms/ARMResourceNotFoundFix",
     )
 
 
@@ -204,9 +114,9 @@ def _list(
     *,
     resource_group: str | None,
 ) -> web.Response:
-    version = _api_version(request, NETWORK_NEWEST)
-    _scope(world, params)
-    _authorize(world, token, READ, request.path)
+    version = api_version(request, NETWORK_NEWEST)
+    check_scope(world, params)
+    authorize(world, token, READ, request.path)
     world.refresh_nics()
     if resource_group is None:
         nics = [nic for nic in world.nics.all() if not nic.uniform]
@@ -218,19 +128,19 @@ def _list(
 def _get(
     world: World, request: web.Request, params: Mapping[str, str], token: Token
 ) -> web.Response:
-    _api_version(request, NETWORK_NEWEST)
-    _scope(world, params)
-    _authorize(world, token, READ, request.path)
+    api_version(request, NETWORK_NEWEST)
+    check_scope(world, params)
+    authorize(world, token, READ, request.path)
     nic = world.nics.get(ids.nic_id(params["sub"], params["rg"], params["nic"]))
     if nic is None:
-        raise _not_found("Microsoft.Network/networkInterfaces", params["nic"], params["rg"])
+        raise not_found("Microsoft.Network/networkInterfaces", params["nic"], params["rg"])
     return arm_json(world.refresh_nic(nic).document())
 
 
 def _vmss_parent(world: World, params: Mapping[str, str]) -> str:
     parent = ids.vmss_vm_id(params["sub"], params["rg"], params["vmss"], params["instance"])
     if not any(ids.same(vm.resource_id, parent) for vm in world.vms.values()):
-        raise _not_found(
+        raise not_found(
             "Microsoft.Compute/virtualMachineScaleSets",
             f"{params['vmss']}/virtualMachines/{params['instance']}",
             params["rg"],
@@ -241,9 +151,9 @@ def _vmss_parent(world: World, params: Mapping[str, str]) -> str:
 def _vmss_list(
     world: World, request: web.Request, params: Mapping[str, str], token: Token
 ) -> web.Response:
-    version = _api_version(request, VMSS_NETWORK_NEWEST)
-    _scope(world, params)
-    _authorize(world, token, READ, request.path)
+    version = api_version(request, VMSS_NETWORK_NEWEST)
+    check_scope(world, params)
+    authorize(world, token, READ, request.path)
     parent = _vmss_parent(world, params)
     return _page(world, request, version, [nic for nic in world.nics.under(parent) if nic.uniform])
 
@@ -251,23 +161,23 @@ def _vmss_list(
 def _vmss_get(
     world: World, request: web.Request, params: Mapping[str, str], token: Token
 ) -> web.Response:
-    _api_version(request, VMSS_NETWORK_NEWEST)
-    _scope(world, params)
-    _authorize(world, token, READ, request.path)
+    api_version(request, VMSS_NETWORK_NEWEST)
+    check_scope(world, params)
+    authorize(world, token, READ, request.path)
     parent = _vmss_parent(world, params)
     nic = world.nics.get(f"{parent}/networkInterfaces/{params['nic']}")
     if nic is None:
-        raise _not_found("Microsoft.Network/networkInterfaces", params["nic"], params["rg"])
+        raise not_found("Microsoft.Network/networkInterfaces", params["nic"], params["rg"])
     return arm_json(nic.document())
 
 
 async def _put(
     world: World, request: web.Request, params: Mapping[str, str], token: Token
 ) -> web.Response:
-    version = _api_version(request, NETWORK_NEWEST)
-    _scope(world, params)
+    version = api_version(request, NETWORK_NEWEST)
+    check_scope(world, params)
     nic_id = ids.nic_id(params["sub"], params["rg"], params["nic"])
-    _authorize(world, token, WRITE, request.path)
+    authorize(world, token, WRITE, request.path)
     existing = world.nics.get(nic_id)
     if existing is not None:
         world.refresh_nic(existing)
@@ -280,7 +190,7 @@ async def _put(
     doc = merge_put(
         stored, body, nic_id=existing.id if existing else nic_id, allocate_ip=world.nics.next_ip
     )
-    _authorize_links(world, token, request.path, added_references(stored, doc))
+    _authorize_links(world, token, request.path, linked_references(doc))
     nic, created = world.nics.write(nic_id, doc, state="Updating" if existing else "Creating")
     operation = world.operations.create(nic.id, settle=world.operation_settle())
     nic.pending_operation = operation.operation_id
@@ -316,14 +226,19 @@ def _preconditions(request: web.Request, existing: Nic | None, nic_id: str) -> N
 
 
 def _authorize_links(world: World, token: Token, scope: str, linked: list[str]) -> None:
-    """ARM's linked access check: join permission on every resource the PUT newly links."""
+    """ARM's linked access check: the join action on every resource the body links.
+
+    ARM reads the links from the request body (the resource provider registers which
+    properties are links), so an unchanged subnet or pool is checked again on every PUT.
+    """
     missing: list[tuple[str, str]] = []
     for resource_id in linked:
         action = ids.join_action(resource_id)
         if action is not None and not world.permissions.allowed(action, resource_id, token.vm):
             missing.append((action, resource_id))
     if missing:
-        actions = ",".join(dict.fromkeys(action for action, _ in missing))
+        # "(respectively)": one action per linked scope, in the same order.
+        actions = ",".join(action for action, _ in missing)
         scopes = ",".join(resource_id for _, resource_id in missing)
         raise ArmError(
             403,
@@ -333,39 +248,3 @@ def _authorize_links(world: World, token: Token, scope: str, linked: list[str]) 
             f"have permission to perform action(s) '{actions}' on the linked scope(s) "
             f"'{scopes}' (respectively) or the linked scope(s) are invalid.",
         )
-
-
-def _operation(
-    world: World, request: web.Request, params: Mapping[str, str], token: Token
-) -> web.Response:
-    _api_version(request, NETWORK_NEWEST)
-    _scope(world, params)
-    operation = world.operations.get(params["operation"])
-    if operation is None:
-        raise ArmError(404, "NotFound", f"Operation '{params['operation']}' was not found.")
-    age = world.operations.age(operation)
-    fault = world.faults.take(
-        "arm-operation",
-        token.vm,
-        accept=lambda f: f.kind == "failed" or (f.kind == "slow" and age < f.seconds),
-    )
-    record = request.get(RECORD)
-    if fault is not None and record is not None:
-        record.fault = fault.fault_id
-    if fault is not None and fault.kind == "slow":
-        world.operations.hold(operation, operation.created_at + fault.seconds)
-    if fault is not None and fault.kind == "failed":
-        world.operations.fail(
-            operation,
-            fault.code or "InternalServerError",
-            fault.message or f"Simulated failure ({fault.fault_id}) of the operation.",
-        )
-    world.operations.poll(operation)
-    nic = world.nics.get(operation.resource_id)
-    if nic is not None:
-        world.refresh_nic(nic)
-    headers = {}
-    if operation.status == IN_PROGRESS:
-        headers["Retry-After"] = seconds_text(world.settings.arm_retry_after)
-    # A failed operation is still answered with 200: the failure is in the body.
-    return arm_json(operation.body(), 200, headers)

@@ -28,8 +28,10 @@ from sidecar.simulator.events import (
 from sidecar.simulator.faults import FAULT_KINDS, TARGETS, VARIANTS, parse_fault
 from sidecar.simulator.identity import parse_denials
 from sidecar.simulator.impact import seconds_field
-from sidecar.simulator.network import Nic, custom_nic
+from sidecar.simulator.loopback import parse_ports
+from sidecar.simulator.network import APPGW_POOLS, Nic, custom_nic
 from sidecar.simulator.responses import control_error, control_json
+from sidecar.simulator.roles import parse_assignments
 from sidecar.simulator.vms import Vm, parse_vm
 from sidecar.simulator.world import World
 
@@ -64,14 +66,32 @@ ENDPOINTS: tuple[tuple[str, str, str], ...] = (
     ("DELETE", "/control/faults", "clear all faults (releases hanging requests)"),
     ("DELETE", "/control/faults/{id}", "clear one fault"),
     ("GET", "/control/vms", "known VMs"),
-    ("POST", "/control/vms", "add a VM (and its NIC) (201)"),
+    ("POST", "/control/vms", "add a VM (and its NIC), or a list of them (201); 'ports' optional"),
+    ("PUT", "/control/vms/{name}/ports", 'loopback port map: {"8080": 41234, "80": 41235}'),
     ("GET", "/control/nics", "NICs: id, VM, etag and per IP configuration pools/NAT rules/ASGs"),
     ("POST", "/control/nics", "add a NIC from full ARM JSON (201)"),
     ("GET", "/control/nics/{name}", "one NIC's full ARM JSON (?resource_group=)"),
     ("PUT", "/control/nics/{name}/pools", "set pool membership directly (new etag)"),
+    ("PUT", "/control/nics/{name}/appgw-pools", "set application-gateway pools directly"),
+    ("GET", "/control/load-balancers", "load balancers: rules with per-backend probe state"),
+    ("POST", "/control/load-balancers", "add a load balancer (201)"),
+    ("POST", "/control/load-balancers/probe", "probe every probed backend once, now"),
+    ("GET", "/control/load-balancers/{lb}", "one load balancer (?resource_group=)"),
+    ("GET", "/control/load-balancers/{lb}/history", "probe-state changes (?since=T)"),
+    ("POST", "/control/load-balancers/{lb}/pools", 'add a backend pool: {"name"}'),
+    ("POST", "/control/load-balancers/{lb}/probes", "add a health probe"),
+    ("PATCH", "/control/load-balancers/{lb}/probes/{probe}", "change a probe"),
+    ("POST", "/control/load-balancers/{lb}/rules", "add a load-balancing rule"),
+    ("PATCH", "/control/load-balancers/{lb}/rules/{rule}", "change a rule ('listen': frontend)"),
+    ("GET", "/control/application-gateways", "application gateways and their pools"),
+    ("POST", "/control/application-gateways", "add an application gateway (201)"),
     ("GET", "/control/operations", "ARM long-running operations"),
-    ("GET", "/control/permissions", "denied actions"),
-    ("PUT", "/control/permissions", 'replace denied actions: {"deny": [{"action","scope","vm"}]}'),
+    ("GET", "/control/permissions", "denied actions and role assignments"),
+    (
+        "PUT",
+        "/control/permissions",
+        'replace them: {"deny": [{"action","scope","vm"}]} and/or {"role": <role JSON>}',
+    ),
     ("DELETE", "/control/permissions", "allow everything again"),
     ("POST", "/control/reset", "back to the initial world"),
 )
@@ -112,7 +132,7 @@ async def index(request: web.Request) -> web.Response:
     urls, world = request.app[URLS], request.app[WORLD]
     return control_json(
         {
-            "simulator": "Azure IMDS + ARM (network interfaces) fake for rehearsing maintenance",
+            "simulator": "Azure IMDS + ARM (NICs, load balancers) fake for rehearsing maintenance",
             "urls": urls.to_json(),
             "environment": {
                 "SIDECAR_IMDS_URL": urls.imds_url,
@@ -340,6 +360,7 @@ def _vm_view(world: World, urls: SimulatorUrls, vm: Vm) -> dict[str, Any]:
         **vm.describe(),
         "nics": [nic.id for nic in world.nics.of_vm(vm.resource_id)],
         "view": urls.imds_url if is_default else urls.vm_url(vm.name),
+        "ports": world.ports.to_json(vm.name),
     }
 
 
@@ -355,22 +376,44 @@ async def get_vms(request: web.Request) -> web.Response:
 async def post_vm(request: web.Request) -> web.Response:
     world, urls = request.app[WORLD], request.app[URLS]
     body = await read_json(request)
+    items = body if isinstance(body, list) else [body]
+    if not items:
+        raise ControlError(400, "no VMs given")
+    specs = [_vm_spec(world, item) for item in items]
+    names = [vm.key for vm, *_ in specs]
+    if len(set(names)) != len(names):
+        raise ControlError(409, "duplicate VM names in one request")
+    for vm, *_ in specs:
+        if world.vm(vm.name) is not None:
+            raise ControlError(409, f"VM {vm.name} already exists")
+    views = []
+    for vm, with_nic, pools, ports in specs:
+        world.add_vm(vm, nic=with_nic, pools=pools)
+        world.ports.set(vm.name, ports)
+        views.append(_vm_view(world, urls, vm))
+    return control_json(views if isinstance(body, list) else views[0], 201)
+
+
+def _vm_spec(world: World, item: object) -> tuple[Vm, bool, list[str] | None, dict[int, int]]:
+    if not isinstance(item, dict):
+        raise ControlError(400, "a VM must be a JSON object")
+    fields = {k: v for k, v in item.items() if k != "ports"}
     vm = parse_vm(
-        body,
+        fields,
         subscription_id=world.config.subscription_id,
         resource_group=world.config.resource_group,
         location=world.config.location,
     )
-    with_nic = body.get("nic", True)
-    pools = body.get("pools")
+    with_nic = item.get("nic", True)
+    pools = item.get("pools")
     if not isinstance(with_nic, bool):
         raise ControlError(400, "'nic' must be true or false")
     if pools is not None and (
         not isinstance(pools, list) or not all(isinstance(p, str) for p in pools)
     ):
         raise ControlError(400, "'pools' must be a list of pool ids or names")
-    world.add_vm(vm, nic=with_nic, pools=pools)
-    return control_json(_vm_view(world, urls, vm), 201)
+    ports = parse_ports(item["ports"]) if "ports" in item else {}
+    return vm, with_nic, pools, ports
 
 
 @routes.get("/control/nics")
@@ -415,12 +458,8 @@ async def get_nic(request: web.Request) -> web.Response:
     return control_json(_find_nic(request.app[WORLD], request).document())
 
 
-@routes.put("/control/nics/{name}/pools")
-@endpoint
-async def put_pools(request: web.Request) -> web.Response:
-    world = request.app[WORLD]
-    nic = _find_nic(world, request)
-    body = await read_json(request)
+def _wanted_pools(nic: Nic, body: object) -> dict[str, list[str]]:
+    """``{"pools": [...]}`` (primary ipconfig) or ``{"ip_configurations": {name: [...]}}``."""
     if isinstance(body, dict) and set(body) == {"pools"}:
         primary = next(
             (c for c in nic.ip_configurations if c.get("properties", {}).get("primary")),
@@ -437,11 +476,36 @@ async def put_pools(request: web.Request) -> web.Response:
         isinstance(v, list) and all(isinstance(p, str) for p in v) for v in wanted.values()
     ):
         raise ControlError(400, "pools must be lists of pool ids, 'lb/pool' or pool names")
+    return wanted
+
+
+@routes.put("/control/nics/{name}/pools")
+@endpoint
+async def put_pools(request: web.Request) -> web.Response:
+    world = request.app[WORLD]
+    nic = _find_nic(world, request)
+    wanted = _wanted_pools(nic, await read_json(request))
     expanded = {
         name: [world.expand_pool(p, nic.resource_group) for p in pools]
         for name, pools in wanted.items()
     }
     world.nics.set_pools(nic, expanded)
+    return control_json(nic.summary())
+
+
+@routes.put("/control/nics/{name}/appgw-pools")
+@endpoint
+async def put_appgw_pools(request: web.Request) -> web.Response:
+    """Like ``pools``, for ``applicationGatewayBackendAddressPools`` (names of agw-web,
+    ``gateway/pool`` or full ids)."""
+    world = request.app[WORLD]
+    nic = _find_nic(world, request)
+    wanted = _wanted_pools(nic, await read_json(request))
+    expanded = {
+        name: [world.expand_appgw_pool(p, nic.resource_group) for p in pools]
+        for name, pools in wanted.items()
+    }
+    world.nics.set_pools(nic, expanded, key=APPGW_POOLS)
     return control_json(nic.summary())
 
 
@@ -460,8 +524,14 @@ async def get_permissions(request: web.Request) -> web.Response:
 @routes.put("/control/permissions")
 @endpoint
 async def put_permissions(request: web.Request) -> web.Response:
+    """Denials (``deny``) and/or role assignments (``role`` + ``scope``/``vm``, or
+    ``assignments``): all of it replaced at once."""
     world = request.app[WORLD]
-    world.permissions.replace(parse_denials(await read_json(request)))
+    body = await read_json(request)
+    if not isinstance(body, dict) or not {"deny", "role", "assignments"} & set(body):
+        raise ControlError(400, 'expected {"deny": [...]} and/or {"role": <Azure role definition>}')
+    denials = parse_denials({"deny": body.get("deny", [])})
+    world.permissions.replace(denials, parse_assignments(body))
     return control_json(world.permissions.to_json())
 
 

@@ -30,7 +30,14 @@ IMDS_KINDS: tuple[str, ...] = (
     "maintenance",
     "instanceinfo",
 )
-ARM_KINDS: tuple[str, ...] = ("arm-list", "arm-get", "arm-put", "arm-operation")
+ARM_KINDS: tuple[str, ...] = (
+    "arm-list",
+    "arm-get",
+    "arm-put",
+    "arm-operation",
+    "arm-lb-get",
+    "arm-lb-health",
+)
 GROUPS: Mapping[str, tuple[str, ...]] = {
     "imds": IMDS_KINDS,
     "arm": ARM_KINDS,

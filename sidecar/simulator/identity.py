@@ -2,7 +2,8 @@
 
 Invariants: ARM accepts only tokens this simulator issued, unexpired, for an ARM audience; a
 token remembers which VM (and which identity) asked for it, so ARM's answers can name the
-caller; everything is allowed unless a denial covers the action, the scope and the caller.
+caller; a denial always wins; without role assignments everything else is allowed (the
+deny-list mode), with them only what an assignment covers (the allow-list mode, as ARM).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from sidecar.simulator import ids
 from sidecar.simulator.errors import ControlError
+from sidecar.simulator.roles import Assignment
 from sidecar.simulator.times import Clock
 from sidecar.simulator.vms import Vm, stable_uuid
 
@@ -129,19 +131,28 @@ class Denial:
 
 
 class Permissions:
-    """Role assignments, as a list of denials over an allow-everything default."""
+    """Role assignments: denials over allow-everything, or allow-listing role assignments."""
 
     def __init__(self) -> None:
         self._denials: list[Denial] = []
+        self._assignments: list[Assignment] = []
 
     def allowed(self, action: str, scope: str, vm: str) -> bool:
-        return not any(denial.covers(action, scope, vm) for denial in self._denials)
+        if any(denial.covers(action, scope, vm) for denial in self._denials):
+            return False
+        if not self._assignments:
+            return True
+        return any(assignment.covers(action, scope, vm) for assignment in self._assignments)
 
-    def replace(self, denials: list[Denial]) -> None:
+    def replace(self, denials: list[Denial], assignments: list[Assignment] | None = None) -> None:
         self._denials = list(denials)
+        self._assignments = list(assignments or [])
 
     def to_json(self) -> dict[str, Any]:
-        return {"deny": [denial.to_json() for denial in self._denials]}
+        found: dict[str, Any] = {"deny": [denial.to_json() for denial in self._denials]}
+        if self._assignments:
+            found["assignments"] = [a.to_json() for a in self._assignments]
+        return found
 
 
 def parse_denials(body: object) -> list[Denial]:

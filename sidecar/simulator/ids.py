@@ -54,6 +54,15 @@ def nat_rule_id(subscription: str, resource_group: str, load_balancer: str, rule
     return f"{lb}/inboundNatRules/{rule}"
 
 
+def lb_id(subscription: str, resource_group: str, load_balancer: str) -> str:
+    return network_id(subscription, resource_group, "loadBalancers", load_balancer)
+
+
+def appgw_pool_id(subscription: str, resource_group: str, gateway: str, pool: str) -> str:
+    appgw = network_id(subscription, resource_group, "applicationGateways", gateway)
+    return f"{appgw}/backendAddressPools/{pool}"
+
+
 def subnet_id(subscription: str, resource_group: str, vnet: str, subnet: str) -> str:
     return f"{network_id(subscription, resource_group, 'virtualNetworks', vnet)}/subnets/{subnet}"
 
@@ -62,6 +71,14 @@ def operation_path(subscription: str, location: str, operation: str) -> str:
     return (
         f"/subscriptions/{subscription}/providers/{NETWORK}/locations/{location}"
         f"/operations/{operation}"
+    )
+
+
+def operation_result_path(subscription: str, location: str, operation: str) -> str:
+    """The ``Location`` of a long-running POST: where its result is read once it is done."""
+    return (
+        f"/subscriptions/{subscription}/providers/{NETWORK}/locations/{location}"
+        f"/operationResults/{operation}"
     )
 
 
@@ -116,6 +133,10 @@ _JOIN_ACTIONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         ),
         (r"/networkSecurityGroups/[^/]+$", "Microsoft.Network/networkSecurityGroups/join/action"),
         (r"/publicIPAddresses/[^/]+$", "Microsoft.Network/publicIPAddresses/join/action"),
+        (
+            r"/applicationGateways/[^/]+/backendAddressPools/[^/]+$",
+            "Microsoft.Network/applicationGateways/backendAddressPools/join/action",
+        ),
     )
 )
 
@@ -135,5 +156,16 @@ _POOL = re.compile(
 )
 
 
+_APPGW_POOL = re.compile(
+    r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Network/"
+    r"applicationGateways/[^/]+/backendAddressPools/[^/]+$",
+    re.IGNORECASE,
+)
+
+
 def is_pool_id(resource_id: str) -> bool:
     return bool(_POOL.match(resource_id))
+
+
+def is_appgw_pool_id(resource_id: str) -> bool:
+    return bool(_APPGW_POOL.match(resource_id))

@@ -1,9 +1,9 @@
-"""Long-running operations behind ARM writes (the ``Azure-AsyncOperation`` URL).
+"""Long-running operations behind ARM writes and POST actions (``Azure-AsyncOperation``).
 
 Invariants: the first prompt poll of an operation answers ``InProgress`` and a later one
 ``Succeeded``, so clients really exercise their polling; an operation nobody polls still
 finishes ``settle`` seconds after it began (ARM does not wait for clients); a finished
-operation never changes status again.
+operation never changes status again; a POST's result is fixed when the operation is created.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class Operation:
     error_message: str = ""
     finished_at: float | None = None
     hold_until: float = 0.0
+    result: Any = None
+    """What the ``Location`` URL answers once the operation succeeded (POST actions)."""
 
     def body(self) -> dict[str, Any]:
         """What the operation URL answers."""
@@ -57,12 +59,13 @@ class OperationBook:
         self._clock = clock
         self._operations: dict[str, Operation] = {}
 
-    def create(self, resource_id: str, *, settle: float) -> Operation:
+    def create(self, resource_id: str, *, settle: float, result: Any = None) -> Operation:
         operation = Operation(
             operation_id=str(uuid.uuid4()),
             resource_id=resource_id,
             created_at=self._clock(),
             settle=settle,
+            result=result,
         )
         self._operations[operation.operation_id] = operation
         return operation

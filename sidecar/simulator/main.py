@@ -109,6 +109,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "one, as while Azure enables the service; 0 = off (%(default)s)",
     )
     parser.add_argument(
+        "--arm-throttle",
+        action="store_true",
+        help="throttle ARM like Azure: token buckets per subscription and principal (reads "
+        "250 + 25/s, writes 200 + 10/s), 429 with Retry-After when empty; sizes and rates in "
+        "PATCH /control/settings",
+    )
+    parser.add_argument(
         "--ready-file", type=Path, default=None, help="once listening, write the URLs here as JSON"
     )
     parser.add_argument(
@@ -135,6 +142,7 @@ def options_from_args(args: argparse.Namespace) -> SimulatorOptions:
         started_seconds=args.started_seconds,
         arm_retry_after=args.arm_retry_after,
         arm_page_size=args.arm_page_size,
+        arm_throttle=args.arm_throttle,
         ready_file=args.ready_file,
         schedule=tuple(args.schedule),
         start_when=args.start_when,

@@ -1,11 +1,14 @@
-"""Counts every IMDS and ARM request and applies the faults that cover it.
+"""Counts every IMDS and ARM request, throttles ARM's, and applies the faults that cover them.
 
-Invariants: a ``status`` fault answers instead of the handler (no side effect happens); a
-``slow`` or ``hang`` fault delays the request and then lets the handler answer normally; a
-``malformed`` fault lets the handler act and spoils its answer; a ``late`` fault lets the
-handler act first and then delays its answer, so the side effect happens even when the client
-has given up (``handler_cancellation`` ends only the wait); an ``answer`` fault sends its own
-reply, after the handler acted if ``apply`` says so; the control API is never counted nor
+Invariants: an ARM request signed by a token the simulator issued takes a token from ARM's
+throttling buckets before anything else (a throttled request is counted, answered 429, and
+reaches no fault and no handler), and every answer to it says what remains of its bucket; a
+``status`` fault answers instead of the handler (no side effect happens); a ``slow`` or
+``hang`` fault delays the request and then lets the handler answer normally; a ``malformed``
+fault lets the handler act and spoils its answer; a ``late`` fault lets the handler act first
+and then delays its answer, so the side effect happens even when the client has given up
+(``handler_cancellation`` ends only the wait); an ``answer`` fault sends its own reply, after
+the handler acted if ``apply`` says so; the control API is never counted nor
 faulted. On the ARM operation URL, ``slow`` and ``failed`` faults belong to the operation
 itself and are left to its handler.
 """
@@ -22,6 +25,7 @@ from sidecar.simulator import routing
 from sidecar.simulator.endpoints import RECORD, WORLD
 from sidecar.simulator.errors import ArmError
 from sidecar.simulator.faults import HANG_CAP_SECONDS, Fault, malform
+from sidecar.simulator.identity import Token
 from sidecar.simulator.responses import (
     arm_error,
     identity_error,
@@ -29,6 +33,7 @@ from sidecar.simulator.responses import (
     reason,
     seconds_text,
 )
+from sidecar.simulator.throttle import Verdict
 from sidecar.simulator.traffic import RequestRecord
 from sidecar.simulator.world import World
 
@@ -72,18 +77,46 @@ async def imds_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 @web.middleware
 async def arm_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """ARM's front door: throttling (per caller) comes before faults and handlers."""
     world = request.app[WORLD]
     kind = routing.arm_kind(routing.match_arm(request.path), request.method)
-    return await _guarded(world, request, handler, kind, caller_vm(world, request))
+    token = caller(world, request)
+    vm = token.vm if token is not None else None
+    if token is None:
+        return await _guarded(world, request, handler, kind, vm)
+    subscription = world.config.subscription_id
+    verdict = world.throttle.take(
+        world.settings.arm_throttle, subscription, token.principal_id, request.method
+    )
+    if not verdict.allowed:
+        record = world.requests.record(
+            request.method, request.path_qs, kind, vm, request.remote or ""
+        )
+        world.requests.throttled(record)
+        return throttled_answer(verdict, subscription, token.principal_id)
+    response = await _guarded(world, request, handler, kind, vm)
+    if not response.prepared:
+        response.headers[verdict.header] = str(verdict.remaining)
+    return response
 
 
-def caller_vm(world: World, request: web.Request) -> str | None:
-    """The VM whose managed identity signed this ARM request, when the token is ours."""
+def throttled_answer(verdict: Verdict, subscription: str, principal: str) -> web.Response:
+    """ARM's 429, in the words Azure uses."""
+    operation = verdict.operation.removesuffix("s")
+    message = (
+        f"Number of '{operation}' requests for subscription '{subscription}' actor "
+        f"'{principal}' exceeded. Please try again after '{verdict.retry_after}' seconds."
+    )
+    headers = {"Retry-After": str(verdict.retry_after), verdict.header: str(verdict.remaining)}
+    return arm_error(ArmError(429, "SubscriptionRequestsThrottled", message, headers))
+
+
+def caller(world: World, request: web.Request) -> Token | None:
+    """The token that signed this ARM request, when the simulator issued it."""
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     if scheme.casefold() != "bearer":
         return None
-    token = world.tokens.find(value.strip())
-    return token.vm if token is not None else None
+    return world.tokens.find(value.strip())
 
 
 async def _guarded(

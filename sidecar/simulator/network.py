@@ -6,6 +6,9 @@ Invariants:
 - a PUT replaces the NIC's writable properties with the body's (what the body leaves out is
   gone, as in ARM), while read-only properties (etag, provisioningState, resourceGuid,
   macAddress, virtualMachine, ...) are never taken from a client's body;
+- every resource a NIC document links (subnet, public IP, NSG, ASGs, load-balancer pools and
+  NAT rules, application-gateway pools) is listed by ``references``: ARM's linked access check
+  covers all of them on every PUT, not only the ones the PUT adds;
 - a Uniform scale-set instance NIC is owned by Compute and is never written through here.
 """
 
@@ -43,6 +46,8 @@ READ_ONLY_DNS = ("appliedDnsServers", "internalFqdn", "internalDomainNameSuffix"
 READ_ONLY_IPCONFIG = frozenset({"id", "etag", "type"})
 READ_ONLY_IPCONFIG_PROPS = ("provisioningState", "privateLinkConnectionProperties")
 
+LB_POOLS = "loadBalancerBackendAddressPools"
+APPGW_POOLS = "applicationGatewayBackendAddressPools"
 _SINGLE_REFERENCES = ("subnet", "publicIPAddress")
 _LIST_REFERENCES = (
     "loadBalancerBackendAddressPools",
@@ -119,6 +124,7 @@ class Nic:
                     "primary": bool(props.get("primary", False)),
                     "private_ip": props.get("privateIPAddress", ""),
                     "pools": _ref_ids(props.get("loadBalancerBackendAddressPools")),
+                    "appgw_pools": _ref_ids(props.get(APPGW_POOLS)),
                     "nat_rules": _ref_ids(props.get("loadBalancerInboundNatRules")),
                     "asgs": _ref_ids(props.get("applicationSecurityGroups")),
                 }
@@ -196,17 +202,15 @@ def references(doc: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
                     yield f"{base}.{key}[{position}].id", ref["id"]
 
 
-def added_references(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
-    """Links ``new`` makes that ``old`` did not: the ones ARM checks join permission for."""
-    before = {rid.casefold() for _, rid in references(old)} if old else set()
+def linked_references(doc: Mapping[str, Any]) -> list[str]:
+    """Each linked resource id once (first spelling kept): what ARM checks join actions on."""
     seen: set[str] = set()
-    added = []
-    for _, rid in references(new):
-        key = rid.casefold()
-        if key not in before and key not in seen:
-            seen.add(key)
-            added.append(rid)
-    return added
+    linked = []
+    for _, rid in references(doc):
+        if rid.casefold() not in seen:
+            seen.add(rid.casefold())
+            linked.append(rid)
+    return linked
 
 
 def merge_put(
@@ -333,12 +337,19 @@ def _check_reference_ids(doc: Mapping[str, Any]) -> None:
                 "resource Id that start with '/subscriptions/{subscriptionId}' or "
                 "'/providers/{resourceProviderNamespace}/'.",
             )
-        if ".loadBalancerBackendAddressPools[" in path and not ids.is_pool_id(rid):
+        if f".{LB_POOLS}[" in path and not ids.is_pool_id(rid):
             raise ArmError(
                 400,
                 "InvalidResourceReference",
                 f"Resource {rid} referenced by resource at path '{path}' is not a load "
                 "balancer backend address pool.",
+            )
+        if f".{APPGW_POOLS}[" in path and not ids.is_appgw_pool_id(rid):
+            raise ArmError(
+                400,
+                "InvalidResourceReference",
+                f"Resource {rid} referenced by resource at path '{path}' is not an application "
+                "gateway backend address pool.",
             )
 
 
@@ -401,8 +412,13 @@ class NicStore:
         self._nics[nic_id.casefold()] = nic
         return nic, True
 
-    def set_pools(self, nic: Nic, pools: Mapping[str, Sequence[str]]) -> Nic:
-        """Rewrite pool membership by IP configuration name (a change made by 'someone else')."""
+    def set_pools(
+        self, nic: Nic, pools: Mapping[str, Sequence[str]], *, key: str = LB_POOLS
+    ) -> Nic:
+        """Rewrite pool membership by IP configuration name (a change made by 'someone else').
+
+        ``key`` is the ipconfig property: load-balancer pools, or application-gateway pools.
+        """
         by_name = {str(c.get("name", "")).casefold(): c for c in nic.ip_configurations}
         for name in pools:
             if name.casefold() not in by_name:
@@ -416,9 +432,7 @@ class NicStore:
                     None,
                 )
             if wanted is not None:
-                ipconfig.setdefault("properties", {})["loadBalancerBackendAddressPools"] = [
-                    {"id": pool} for pool in wanted
-                ]
+                ipconfig.setdefault("properties", {})[key] = [{"id": pool} for pool in wanted]
         state = str(doc["properties"].get("provisioningState", "Succeeded"))
         nic.doc = stamp(doc, nic.id, new_etag(), state)
         return nic

@@ -53,6 +53,7 @@ class SimulatorOptions:
     started_seconds: float = 5.0
     arm_retry_after: float = 1.0
     arm_page_size: int = 0
+    arm_throttle: bool = False
     ready_file: Path | None = None
     schedule: tuple[ScheduleSpec, ...] = ()
     start_when: str = "any-approval"

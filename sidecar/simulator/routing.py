@@ -62,6 +62,8 @@ _VMSS_VM = (
     _RG + r"/providers/Microsoft\.Compute/virtualMachineScaleSets/(?P<vmss>[^/]+)"
     r"/virtualMachines/(?P<instance>[^/]+)/networkInterfaces"
 )
+_LB = _RG + r"/providers/Microsoft\.Network/loadBalancers/(?P<lb>[^/]+)"
+_LB_CHILD = r"/(?P<child>backendAddressPools|loadBalancingRules|probes)"
 _ARM_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern, re.IGNORECASE))
     for name, pattern in (
@@ -78,6 +80,20 @@ _ARM_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
             r"^/subscriptions/(?P<sub>[^/]+)/providers/Microsoft\.Network/locations/"
             r"(?P<location>[^/]+)/operations/(?P<operation>[^/]+)/?$",
         ),
+        (
+            "operation-result",
+            r"^/subscriptions/(?P<sub>[^/]+)/providers/Microsoft\.Network/locations/"
+            r"(?P<location>[^/]+)/operationResults/(?P<operation>[^/]+)/?$",
+        ),
+        ("lb-list", _RG + r"/providers/Microsoft\.Network/loadBalancers/?$"),
+        (
+            "lb-list-all",
+            r"^/subscriptions/(?P<sub>[^/]+)/providers/Microsoft\.Network/loadBalancers/?$",
+        ),
+        ("lb", _LB + r"/?$"),
+        ("lb-child-list", _LB + _LB_CHILD + r"/?$"),
+        ("lb-child", _LB + _LB_CHILD + r"/(?P<name>[^/]+)/?$"),
+        ("lb-rule-health", _LB + r"/loadBalancingRules/(?P<name>[^/]+)/health/?$"),
     )
 )
 
@@ -103,4 +119,8 @@ def arm_kind(route: ArmRoute | None, method: str) -> str:
         return "arm-list"
     if route.name in ("nic", "vmss-nic"):
         return "arm-put" if method == "PUT" else "arm-get"
+    if route.name == "lb-rule-health":
+        return "arm-lb-health"
+    if route.name.startswith("lb"):
+        return "arm-lb-get"
     return "arm-operation"

@@ -12,15 +12,48 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.simulator import ids
+from sidecar.simulator.appgw import ApplicationGateway
+from sidecar.simulator.lb import LoadBalancer, Probe, Rule
 from sidecar.simulator.network import mac_for
 from sidecar.simulator.vms import UNIFORM, Vm
 
 LOAD_BALANCER = "lb-web"
 HTTP_POOL = "pool-http"
 ADMIN_POOL = "pool-admin"
+APP_GATEWAY = "agw-web"
+APP_POOL = "pool-app"
 VNET = "vnet-sim"
 SUBNET = "snet-web"
 OTHER_VM = "other-vm"
+
+
+def load_balancer(subscription: str, resource_group: str, location: str) -> LoadBalancer:
+    """lb-web: a rule per pool, each probed over HTTP on the sidecar's port (8080 /health)."""
+    probes = [
+        Probe("probe-http", port=8080, path="/health", interval=5, threshold=2),
+        Probe("probe-admin", port=8080, path="/health", interval=5, threshold=2),
+    ]
+    rules = [
+        Rule("rule-http", "frontend", 80, 80, HTTP_POOL, "probe-http"),
+        Rule("rule-admin", "frontend", 8443, 8443, ADMIN_POOL, "probe-admin"),
+    ]
+    return LoadBalancer(
+        LOAD_BALANCER,
+        subscription,
+        resource_group,
+        location,
+        frontends=["frontend"],
+        pools=[HTTP_POOL, ADMIN_POOL],
+        probes=probes,
+        rules=rules,
+    )
+
+
+def application_gateway(
+    subscription: str, resource_group: str, location: str
+) -> ApplicationGateway:
+    """agw-web with pool-app, which no NIC joins until a test puts one in."""
+    return ApplicationGateway(APP_GATEWAY, subscription, resource_group, location, [APP_POOL])
 
 
 def nic_name(vm: Vm) -> str:

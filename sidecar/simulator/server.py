@@ -2,8 +2,9 @@
 
 Invariants: sockets are bound before any app is built, so the URLs every answer names are the
 real ones (port 0 works); the ready file is written, atomically, only once both servers
-accept connections; ``stop`` releases hanging requests first, then closes both servers and
-removes the CA directory it created.
+accept connections; the load balancers' prober and frontends run only while the servers do;
+``stop`` releases hanging requests first, stops the load balancers, then closes both servers
+and removes the CA directory it created.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from aiohttp import web
 
 from sidecar.simulator.arm import add_arm_routes
 from sidecar.simulator.control import routes as control_routes
+from sidecar.simulator.control_lb import routes as lb_control_routes
 from sidecar.simulator.endpoints import URLS, WORLD, SimulatorUrls
 from sidecar.simulator.imds import add_imds_routes
+from sidecar.simulator.lbruntime import LB_RUNTIME, LbRuntime
 from sidecar.simulator.middleware import arm_middleware, imds_middleware
 from sidecar.simulator.options import SimulatorOptions
 from sidecar.simulator.times import Clock
@@ -41,6 +44,7 @@ def world_config(options: SimulatorOptions) -> WorldConfig:
         started_seconds=options.started_seconds,
         arm_retry_after=options.arm_retry_after,
         arm_page_size=options.arm_page_size,
+        arm_throttle=options.arm_throttle,
         schedule=tuple((s.event_type, s.seconds) for s in options.schedule),
         start_when=options.start_when,
         warmup_seconds=options.warmup_seconds,
@@ -52,6 +56,7 @@ def build_imds_app(world: World, urls: SimulatorUrls) -> web.Application:
     app = web.Application(middlewares=[imds_middleware])
     app[WORLD] = world
     app[URLS] = urls
+    app.router.add_routes(lb_control_routes)  # before control's catch-all for unknown paths
     app.router.add_routes(control_routes)
     add_imds_routes(app)
     return app
@@ -105,6 +110,7 @@ class Simulator:
     ) -> None:
         self.options = options or SimulatorOptions()
         self.world = World(world_config(self.options), clock)
+        self.lb = LbRuntime(self.world)
         self._runners: list[web.AppRunner] = []
         self._tls: TlsMaterial | None = None
         self._urls: SimulatorUrls | None = None
@@ -129,10 +135,15 @@ class Simulator:
                 sockets.append(arm_socket)
                 self._tls = await asyncio.to_thread(make_tls, options.ca_file)
             urls = self._make_urls(imds_socket, arm_socket)
-            await self._serve(build_imds_app(self.world, urls), sockets.pop(0), None)
+            imds_app = build_imds_app(self.world, urls)
+            imds_app[LB_RUNTIME] = self.lb
+            await self._serve(imds_app, sockets.pop(0), None)
             if arm_socket is not None and self._tls is not None:
                 arm_app = build_arm_app(self.world, urls)
+                arm_app[LB_RUNTIME] = self.lb
                 await self._serve(arm_app, sockets.pop(0), self._tls)
+            await self.lb.reconcile()
+            self.lb.start()
             if options.ready_file is not None:
                 await asyncio.to_thread(write_ready_file, options.ready_file, urls)
         except BaseException:
@@ -169,6 +180,7 @@ class Simulator:
 
     async def stop(self) -> None:
         self.world.faults.clear()  # releases requests held by 'hang' faults
+        await self.lb.stop()
         while self._runners:
             await self._runners.pop().cleanup()
         if self._tls is not None and self._tls.created_dir is not None:

@@ -1,7 +1,8 @@
 """Counts and a bounded log of the IMDS and ARM requests the simulator answered.
 
-Invariant: a request is counted once, on arrival, under ``"METHOD kind"``; its log entry is
-completed with the status when it is answered; the log keeps only the newest ``keep``
+Invariant: a request is counted once, on arrival, under ``"METHOD kind"`` (one ARM throttled
+is counted again under ``throttled``); its log entry is completed with the status when it is
+answered; the log keeps only the newest ``keep``
 entries, the counts keep everything since the last reset. Control-API requests are not
 counted: the observer does not disturb what it measures.
 """
@@ -27,6 +28,7 @@ class RequestRecord:
     status: int | None = None
     duration: float | None = None
     fault: str | None = None
+    throttled: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -40,6 +42,7 @@ class RequestRecord:
             "status": self.status,
             "duration_ms": round(self.duration * 1000, 3) if self.duration is not None else None,
             "fault": self.fault,
+            "throttled": self.throttled,
         }
 
 
@@ -48,6 +51,7 @@ class RequestLog:
         self._clock = clock
         self._log: deque[RequestRecord] = deque(maxlen=keep)
         self._counts: Counter[str] = Counter()
+        self._throttled: Counter[str] = Counter()
         self._by_vm: Counter[str] = Counter()
         self._since = clock()
 
@@ -61,9 +65,16 @@ class RequestLog:
             self._by_vm[vm] += 1
         return entry
 
+    def throttled(self, entry: RequestRecord) -> None:
+        """ARM refused the request with 429 before any handler saw it."""
+        entry.throttled = True
+        entry.status = 429
+        self._throttled[f"{entry.method} {entry.kind}"] += 1
+
     def reset(self) -> None:
         self._log.clear()
         self._counts.clear()
+        self._throttled.clear()
         self._by_vm.clear()
         self._since = self._clock()
 
@@ -78,6 +89,10 @@ class RequestLog:
             "since": iso8601(self._since),
             "counts": dict(sorted(self._counts.items())),
             "totals": {"all": total, "imds": total - arm, "arm": arm},
+            "throttled": {
+                "total": sum(self._throttled.values()),
+                "counts": dict(sorted(self._throttled.items())),
+            },
             "by_vm": dict(sorted(self._by_vm.items())),
             "log": [entry.to_json() for entry in entries],
         }

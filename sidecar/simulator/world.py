@@ -1,12 +1,12 @@
-"""The whole simulated world, in memory: VMs, events, NICs, tokens, operations, faults.
+"""The whole simulated world, in memory: VMs, events, NICs, load balancers, tokens, faults.
 
 Invariants: all simulator state hangs off one ``World`` (no module-level mutable state); the
 world does no I/O and reads time only through its injected clock, so tests can drive time by
-hand; ``reset`` rebuilds the initial scenario (events, VMs, NICs, operations, permissions,
-settings; faults are cleared) but keeps what belongs to the platform rather than the scenario:
-issued tokens (a running sidecar's cached token stays valid), the request counts, fault ids
-(a request still held by an old hang is released, never re-captured) and a never-decreasing
-``DocumentIncarnation``.
+hand; ``reset`` rebuilds the initial scenario (events, VMs, NICs, load balancers, operations,
+permissions, settings; faults are cleared) but keeps what belongs to the platform rather than
+the scenario: issued tokens (a running sidecar's cached token stays valid), the request
+counts, ARM's throttling buckets, fault ids (a request still held by an old hang is released,
+never re-captured) and a never-decreasing ``DocumentIncarnation``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.simulator import ids, seed
+from sidecar.simulator.appgw import GatewayStore
 from sidecar.simulator.errors import ControlError
 from sidecar.simulator.events import (
     ANY_APPROVAL,
@@ -28,9 +29,13 @@ from sidecar.simulator.events import (
     parse_start_when,
 )
 from sidecar.simulator.faults import FaultBook
+from sidecar.simulator.health import HealthBook
 from sidecar.simulator.identity import Permissions, TokenBook
+from sidecar.simulator.lb import LoadBalancerStore
+from sidecar.simulator.loopback import PortBook
 from sidecar.simulator.lro import IN_PROGRESS, OperationBook
 from sidecar.simulator.network import Nic, NicStore
+from sidecar.simulator.throttle import Throttle, ThrottleSettings
 from sidecar.simulator.times import Clock
 from sidecar.simulator.traffic import RequestLog
 from sidecar.simulator.vms import UNIFORM, Vm
@@ -48,6 +53,7 @@ class WorldConfig:
     started_seconds: float = 5.0
     arm_retry_after: float = 1.0
     arm_page_size: int = 0
+    arm_throttle: bool = False
     schedule: tuple[tuple[str, float | None], ...] = ()
     """Events (type, seconds until NotBefore or None for the type's notice) at start-up."""
     start_when: str = ANY_APPROVAL
@@ -64,6 +70,7 @@ class Settings:
     start_when: str = ANY_APPROVAL
     warmup_seconds: float = 0.0
     warmup_status: int = 410
+    arm_throttle: ThrottleSettings = field(default_factory=ThrottleSettings)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,13 +80,14 @@ class Settings:
             "start_when": self.start_when,
             "warmup_seconds": self.warmup_seconds,
             "warmup_status": self.warmup_status,
+            "arm_throttle": self.arm_throttle.to_json(),
         }
 
     def update(self, body: object) -> None:
         if not isinstance(body, dict):
             raise ControlError(400, "settings must be a JSON object")
         known = {"started_seconds", "arm_retry_after", "arm_page_size", "start_when"}
-        known |= {"warmup_seconds", "warmup_status"}
+        known |= {"warmup_seconds", "warmup_status", "arm_throttle"}
         unknown = sorted(set(body) - known)
         if unknown:
             raise ControlError(400, f"unknown settings: {', '.join(unknown)}")
@@ -100,6 +108,8 @@ class Settings:
             self.start_when = parse_start_when(body["start_when"])
         if "warmup_status" in body:
             self.warmup_status = parse_warmup_status(body["warmup_status"])
+        if "arm_throttle" in body:
+            self.arm_throttle.update(body["arm_throttle"])
 
 
 class World:
@@ -111,12 +121,16 @@ class World:
         self.tokens = TokenBook(clock)
         self.requests = RequestLog(clock)
         self.faults = FaultBook(clock)
+        self.throttle = Throttle(clock)
         self._build(incarnation=0)
 
     def _build(self, incarnation: int) -> None:
         config = self.config
         self.settings = Settings(
-            config.started_seconds, config.arm_retry_after, config.arm_page_size
+            config.started_seconds,
+            config.arm_retry_after,
+            config.arm_page_size,
+            arm_throttle=ThrottleSettings(enabled=config.arm_throttle),
         )
         self.settings.start_when = config.start_when
         self.settings.warmup_seconds = config.warmup_seconds
@@ -127,10 +141,17 @@ class World:
         self.operations = OperationBook(self.clock)
         self.faults.clear()
         self.permissions = Permissions()
+        self.lbs = LoadBalancerStore()
+        self.appgws = GatewayStore()
+        self.ports = PortBook()
+        self.lb_health = HealthBook()
         self._populate()
 
     def _populate(self) -> None:
         config = self.config
+        where = (config.subscription_id, config.resource_group, config.location)
+        self.lbs.add(seed.load_balancer(*where))
+        self.appgws.add(seed.application_gateway(*where))
         default = self.new_vm(config.default_vm)
         self.add_vm(default, nic=False)
         self.nics.add(seed.default_nic(default), nic_id=seed.nic_resource_id(default))
@@ -225,6 +246,8 @@ class World:
             return True
         if any(vm.resource_group.casefold() == wanted for vm in self.vms.values()):
             return True
+        if any(lb.resource_group.casefold() == wanted for lb in self.lbs.all()):
+            return True
         return any(nic.resource_group.casefold() == wanted for nic in self.nics.all())
 
     def expand_pool(self, reference: str, resource_group: str) -> str:
@@ -237,6 +260,15 @@ class World:
             resource_group,
             load_balancer or seed.LOAD_BALANCER,
             pool,
+        )
+
+    def expand_appgw_pool(self, reference: str, resource_group: str) -> str:
+        """An application-gateway pool id from a full id, ``gateway/pool`` or a pool of agw-web."""
+        if reference.startswith("/"):
+            return reference
+        gateway, _, pool = reference.rpartition("/")
+        return ids.appgw_pool_id(
+            self.config.subscription_id, resource_group, gateway or seed.APP_GATEWAY, pool
         )
 
     # Events --------------------------------------------------------------------------------
