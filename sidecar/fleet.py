@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sidecar.arm_model import ArmError, RuleHealth
+from sidecar.arm_model import ArmError, Backend, RuleHealth
 from sidecar.backoff import Backoff
 from sidecar.gates import Approval, Wanted
 from sidecar.machine import Tracked
@@ -100,21 +100,24 @@ def guard_verdict(
     minimum: Minimum,
 ) -> list[RuleVerdict]:
     """Per rule: may this VM leave now? `names` maps (folded) ipconfig ids to VM names, `mine`
-    are this VM's ipconfig ids, `named` the VMs the held events name (us included)."""
+    are this VM's ipconfig ids, `named` the VMs the held events name (us included). Backends
+    are counted per VM: a VM with two IP configurations in a rule is one backend leaving."""
     my_configs = {config.casefold() for config in mine}
     named_set = {name.casefold() for name in named} | {me.casefold()}
     verdicts = []
     for rule in health:
-        members = len(rule.backends) or rule.up + rule.down
+        # a VM counts once, however many of its IP configurations are in the rule
+        def vm(backend: Backend) -> str:
+            return names.get(backend.ipconfig_id.casefold(), backend.ipconfig_id).casefold()
+
+        members = {vm(b) for b in rule.backends}
+        up_names = {vm(b) for b in rule.backends if b.up}
         i_am_up = any(b.up and b.ipconfig_id.casefold() in my_configs for b in rule.backends)
-        up_names = {
-            names.get(b.ipconfig_id.casefold(), b.ipconfig_id).casefold()
-            for b in rule.backends
-            if b.up
-        }
         candidates = sorted(up_names & named_set)
         rank = candidates.index(me.casefold()) if i_am_up and me.casefold() in candidates else None
-        verdicts.append(RuleVerdict(rule.rule_id, rule.up, members, minimum.of(members), rank))
+        count = len(members) or rule.up + rule.down
+        up = len(up_names) if members else rule.up
+        verdicts.append(RuleVerdict(rule.rule_id, up, count, minimum.of(count), rank))
     return verdicts
 
 
@@ -147,6 +150,9 @@ class FleetView:
     async def health(self) -> list[RuleHealth]:
         if self.network is None:
             raise ArmError("ARM is not reachable yet", permanent=False)
+        if self.pools.mode != "active" and not self.settings.lb_rule_ids:
+            # the rules come from the NIC's pools: an answer before discovery would be "none"
+            raise ArmError(f"this VM's NICs are not known yet ({self.pools.mode})", permanent=False)
         rules = await self._rules_now(self.network)
         return [await self.network.rule_health(rule) for rule in rules]
 
