@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 
 SECTION = "pools"
 RESTORE_BACKOFF_MAX = 30.0
+REMOVE_JITTER_SECONDS = 1.0
+"""A whole update domain starts its drains in the same second: spread their first writes."""
 REMOVE_BACKOFF_MAX = 5.0
 
 
@@ -76,6 +80,7 @@ class PoolAction:
         self.failures = 0
         self._pool_filter = {pool.casefold() for pool in settings.backend_pool_ids}
         self._changed = asyncio.Event()
+        self._remove_after = 0.0
         self._backoffs = {
             "restore": Backoff(1.0, RESTORE_BACKOFF_MAX),
             "discover": Backoff(1.0, RESTORE_BACKOFF_MAX),
@@ -119,6 +124,8 @@ class PoolAction:
         if out:
             self.removal_done = False
             self.gave_up = False
+            jitter = random.uniform(0, REMOVE_JITTER_SECONDS)  # noqa: S311 - not a secret
+            self._remove_after = time.monotonic() + jitter
             if self._rediscover_on_drain:  # a role assigned since the last drain now counts
                 self.mode = "discovering"
         else:
@@ -176,8 +183,11 @@ class PoolAction:
                 if self.want_out is False and self.removed
                 else None,
                 await self._attempt("remove", lambda: self._remove(network))
-                if self._removal_due()
+                if self._removal_due() and time.monotonic() >= self._remove_after
                 else None,
+                self._remove_after - time.monotonic()
+                if self._removal_due() and time.monotonic() < self._remove_after
+                else None,  # the jittered start of a removal
             ]
             self._publish()
             self.on_change()

@@ -92,7 +92,8 @@ def test_pool_filter_leaves_only_the_chosen_pools(
     ("fault", "nic_out_at_kill"),
     [
         ({"target": "arm-put", "kind": "hang"}, False),  # recorded, PUT not yet applied
-        ({"target": "arm-operation", "kind": "slow", "seconds": 600}, True),  # PUT applied
+        # PUT applied; ARM takes 8 s to finish it, and nothing is written before it did
+        ({"target": "arm-operation", "kind": "slow", "seconds": 8}, True),
     ],
     ids=["between state write and PUT", "during the long-running operation"],
 )
@@ -116,8 +117,8 @@ def test_sigkill_mid_removal_ends_with_the_nic_back_in_its_pools(
     simulator.control("DELETE", f"/events/{event['EventId']}")
     sidecar.restart()
     sidecar.wait_probe(200)
-    assert pools(simulator) == ORIGINAL
-    assert saved_removals(tmp_path) == {}
+    wait_for(lambda: pools(simulator) == ORIGINAL, "the NIC back once ARM is done")
+    wait_for(lambda: saved_removals(tmp_path) == {}, "the record cleared")
     assert "out of backend pools" in sidecar.process.output()
 
 
@@ -345,3 +346,30 @@ def test_a_linked_check_names_the_join_that_is_missing(
     log = sidecar.process.output()
     assert f"grant {join} to this VM's managed identity" in log, log
     assert "grant Microsoft.Network/networkInterfaces/write" not in log
+
+
+def appgw_pools(simulator: Simulator) -> dict[str, list[str]]:
+    result = {}
+    for config in nic(simulator)["properties"]["ipConfigurations"]:
+        members = config["properties"].get("applicationGatewayBackendAddressPools", [])
+        result[config["name"]] = [member["id"].rsplit("/", 1)[-1] for member in members]
+    return result
+
+
+def test_application_gateway_pools_leave_and_come_back_too(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> None:
+    simulator.control("PUT", f"/nics/{NIC}/appgw-pools", {"pools": ["pool-app"]})
+    sidecar = start_arm_sidecar(drain_seconds="600")
+    sidecar.wait_probe(200)
+    event = simulator.add_event(type="Reboot", not_before_in=900)
+    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal")
+    assert pools(simulator) == EMPTY
+    assert appgw_pools(simulator) == {"ipconfig1": [], "ipconfig2": []}
+    assert "agw:agw-web/pool-app" in nic(simulator)["tags"]["drain-sidecar-removed"]
+
+    simulator.control("DELETE", f"/events/{event['EventId']}")
+    sidecar.wait_probe(200)
+    assert pools(simulator) == ORIGINAL
+    assert appgw_pools(simulator) == {"ipconfig1": ["pool-app"], "ipconfig2": []}
+    assert "drain-sidecar-removed" not in nic(simulator)["tags"]
