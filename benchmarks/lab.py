@@ -472,8 +472,9 @@ class WebApp:
         self.child.close()
 
 
-def nginx_available() -> bool:
-    return shutil.which("nginx") is not None
+def nginx_binary() -> str | None:
+    """Debian puts nginx in /usr/sbin, which a non-root PATH may lack."""
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
 
 
 def nginx_config(root: Path, port: int, name: str) -> str:
@@ -502,9 +503,9 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         location /slow {{
-            # a request in flight for a while: 400 kB sent at 200 kB/s
+            # a request in flight for a while: 400 kB sent at 100 kB/s (4 s)
             alias {root}/slow.bin;
-            limit_rate 200k;
+            limit_rate 100k;
             add_header X-Backend {name} always;
         }}
         location / {{
@@ -532,7 +533,7 @@ class Nginx:
         (self.root / "slow.bin").write_bytes(b"x" * self.SLOW_BYTES)
         self.config = self.root / "nginx.conf"
         self.config.write_text(nginx_config(self.root, self.port, name))
-        self.binary = shutil.which("nginx") or "nginx"
+        self.binary = nginx_binary() or "nginx"
         self.child = self.start()
 
     @property
@@ -594,6 +595,8 @@ class CheckPolicy:
     inter_ms: int = 1000
     fall: int = 2
     rise: int = 2
+    timeout_ms: int = 1000
+    """A check without an answer within this fails (Azure: min(interval, 30 s))."""
 
 
 def haproxy_available() -> bool:
@@ -628,7 +631,7 @@ defaults
     timeout connect 2s
     timeout client 30s
     timeout server 30s
-    timeout check 1s
+    timeout check {checks.timeout_ms}ms
     retries 0
 
 frontend vip
