@@ -7,10 +7,17 @@ not retried for the client, flows established before a backend goes down continu
 sidecar's `/health` every second (fall 2, rise 2). A closed-loop client (benchmarks/loadgen.py)
 sends steady traffic through it.
 
-A maintenance event for web-1 is scheduled; when the sidecar approves it, web-1 "reboots": its
-app and sidecar are killed (SIGKILL), the event is cleared, and after `reboot_seconds` both start
-again, the sidecar with its state file. Then the same maintenance runs **without the sidecar**:
-HAProxy probes the app port itself, and web-1 is killed at the same offset after the event.
+A maintenance event for web-1 is scheduled with an impact window (the simulator's
+`impact_after`/`impact_seconds`) and stays listed after it, as in Azure. The harness watches the
+event's control view and reboots web-1 as a real VM reboots: when the impact begins, its app and
+sidecar are stopped (SIGSTOP: silent, no connection is reset, clients wait for their timeout);
+when it ends, both are killed and started again (the boot), the sidecar with its state file and a
+new boot id, so that SIDECAR_RETURN_AFTER=impact brings web-1 back while the event still lingers.
+Then the same maintenance runs **without the sidecar**: HAProxy probes the app port itself, and
+the impact is started (`POST /control/events/{id}/impact`) at the same offset after the event.
+
+Keep-alive scenarios run with and without the drain hook: the stand-in app's `POST /drain`, or
+Debian's nginx gracefully reloaded (`nginx -s reload` as SIDECAR_DRAIN_COMMAND).
 
 With pool removal (`reboot-arm`), the sidecar also takes web-1's NIC out of the simulated ARM's
 `pool-http`. HAProxy knows no Azure pools, so `PoolMirror` models the pool: it watches the
