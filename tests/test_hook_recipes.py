@@ -6,13 +6,16 @@ connection (EOF, or `Connection: close` on a request sent before the close) and 
 request in full; then SIDECAR_APP_PORTS sees no connection left and approval comes long before
 the 120 s drain period. The recipes:
 
-- nginx from Debian, the command hook for systemd installs: SIGHUP to the master
-  (`pkill --signal HUP --pidfile PIDFILE`), a graceful reload;
-- gunicorn with uvicorn workers (PyPI), the same command with gunicorn's pid file: a graceful
+- nginx from Debian, the command hook for systemd installs: the README's script that sends
+  SIGHUP to the master named in nginx's pid file, a graceful reload;
+- nginx under compose: the web container's entrypoint (configs/compose/nginx-reload-on-drain.sh)
+  runs nginx and reloads it when the sidecar's command (`touch DIR/reload`) asks; here on the
+  host, the same script and the same command (the container check runs it in containers);
+- gunicorn with uvicorn workers (PyPI), the same script with gunicorn's pid file: a graceful
   worker restart;
 - the app's own endpoint (benchmarks/webapp.py, `POST /drain`) through SIDECAR_DRAIN_HOOK_URL.
 
-A missing nginx or pkill skips its test, unless CI_REQUIRE_ALL=1 (`.ci/run` installs them).
+A missing nginx skips its tests, unless CI_REQUIRE_ALL=1 (`.ci/run` installs it).
 """
 
 from __future__ import annotations
@@ -29,9 +32,23 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.lab import Child, Nginx, WebApp, child_env, free_port, listening
+from benchmarks.lab import ROOT, Child, Nginx, WebApp, child_env, free_port, listening
 from tests.support import PATIENCE, SidecarFactory, Simulator, wait_for
 from tests.test_drain_e2e import epoch
+
+RELOAD_SCRIPT = """#!/bin/sh
+# SIGHUP to the master process named in the pid file: a graceful reload (restart of workers)
+exec kill -HUP "$(cat {pid_file})"
+"""
+"""The README's command hook for systemd installs, with the pid file of the app under test."""
+
+
+def reload_script(directory: Path, pid_file: Path) -> str:
+    script = directory / "graceful-reload"
+    script.write_text(RELOAD_SCRIPT.format(pid_file=pid_file))
+    script.chmod(0o755)
+    return str(script)
+
 
 DRAIN_SECONDS = 120
 """Far beyond the test: an approval before it came from 'no connection left'."""
@@ -187,18 +204,45 @@ def nginx(tmp_path: Path) -> Iterator[Nginx]:
 
 
 def test_nginx_graceful_reload_through_the_command_hook(
-    simulator: Simulator, start_sidecar: SidecarFactory, nginx: Nginx
+    simulator: Simulator, start_sidecar: SidecarFactory, nginx: Nginx, tmp_path: Path
 ) -> None:
-    pkill = require("pkill", "procps")
-    pid_file = nginx.root / "nginx.pid"
     rehearse_drain(
         simulator,
         start_sidecar,
         port=nginx.port,
         slow_path="/slow",
         slow_bytes=Nginx.SLOW_BYTES,
-        drain_command=f"{pkill} --signal HUP --pidfile {pid_file}",
+        drain_command=reload_script(tmp_path, nginx.root / "nginx.pid"),
     )
+
+
+def test_nginx_under_compose_reloaded_by_its_entrypoint_on_the_sidecars_request(
+    simulator: Simulator, start_sidecar: SidecarFactory, tmp_path: Path
+) -> None:
+    require("nginx", "nginx")
+    app = Nginx(tmp_path, "web-1")  # its config: nginx in the foreground, as in the image
+    app.close()  # started again below, under the entrypoint script
+    drain_dir = tmp_path / "drain"
+    entrypoint = Child(
+        ["sh", str(ROOT / "configs/compose/nginx-reload-on-drain.sh"), *app.command()],
+        tmp_path / "entrypoint.log",
+        child_env({"DRAIN_DIR": str(drain_dir)}),
+    )
+    app.child = entrypoint
+    try:
+        app.wait_listening()
+        rehearse_drain(
+            simulator,
+            start_sidecar,
+            port=app.port,
+            slow_path="/slow",
+            slow_bytes=Nginx.SLOW_BYTES,
+            drain_command=f"touch {drain_dir}/reload",  # what docker-compose.drain-hook.yml sets
+        )
+        assert "nginx reloaded gracefully" in entrypoint.output()
+        assert entrypoint.terminate(PATIENCE) == 0, "docker stop: nginx should stop gracefully"
+    finally:
+        entrypoint.close()
 
 
 @pytest.fixture
@@ -240,16 +284,15 @@ def gunicorn(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
 
 def test_gunicorn_uvicorn_graceful_worker_restart_through_the_command_hook(
-    simulator: Simulator, start_sidecar: SidecarFactory, gunicorn: tuple[int, Path]
+    simulator: Simulator, start_sidecar: SidecarFactory, gunicorn: tuple[int, Path], tmp_path: Path
 ) -> None:
-    pkill = require("pkill", "procps")
     port, pid_file = gunicorn
     rehearse_drain(
         simulator,
         start_sidecar,
         port=port,
         slow_path="/?delay=4",
-        drain_command=f"{pkill} --signal HUP --pidfile {pid_file}",
+        drain_command=reload_script(tmp_path, pid_file),
     )
 
 
