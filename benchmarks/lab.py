@@ -503,7 +503,7 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         location /slow {{
-            # a request in flight for a while: 400 kB sent at 100 kB/s (4 s)
+            # a request in flight for a while: 600 kB sent at 100 kB/s (6 s)
             alias {root}/slow.bin;
             limit_rate 100k;
             add_header X-Backend {name} always;
@@ -522,7 +522,7 @@ class Nginx:
     directory of its own; restartable on its port. Its drain hook is a graceful reload."""
 
     kind = "nginx"
-    SLOW_BYTES = 400_000
+    SLOW_BYTES = 600_000
 
     def __init__(self, workdir: Path, name: str) -> None:
         self.name = name

@@ -291,7 +291,7 @@ def test_gunicorn_uvicorn_graceful_worker_restart_through_the_command_hook(
         simulator,
         start_sidecar,
         port=port,
-        slow_path="/?delay=4",
+        slow_path="/?delay=6",
         drain_command=reload_script(tmp_path, pid_file),
     )
 
@@ -306,7 +306,7 @@ def test_app_endpoint_through_the_hook_url(
             simulator,
             start_sidecar,
             port=app.port,
-            slow_path="/?delay=4",
+            slow_path="/?delay=6",
             **{k.removeprefix("SIDECAR_").lower(): v for k, v in app.hook_settings().items()},
         )
     finally:
