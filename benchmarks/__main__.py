@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("rehearsal", "detection", "probe", "footprint")
+BENCHMARKS = ("rehearsal", "rotation", "detection", "probe", "footprint")
 
 
 def main() -> int:

@@ -10,11 +10,13 @@ a name says `wall`.
 from __future__ import annotations
 
 import contextlib
+import grp
 import http.client
 import json
 import math
 import os
 import platform
+import pwd
 import shutil
 import signal
 import socket
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -212,7 +215,11 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class Child:
-    """A process whose output goes to a log file (read it when something goes wrong)."""
+    """A process whose output goes to a log file (read it when something goes wrong).
+
+    It leads a process group of its own, and signals go to the whole group: a "VM" that freezes
+    or dies takes every process of the app with it (nginx's workers, gunicorn's), never leaving
+    one behind that still listens."""
 
     def __init__(self, command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.command = command
@@ -226,6 +233,7 @@ class Child:
             stdout=self._handle,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            start_new_session=True,
         )
 
     @property
@@ -238,14 +246,27 @@ class Child:
     def output(self, tail: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-tail:]
 
+    def signal(self, signum: int) -> None:
+        """`signum` to the whole process group (quietly nothing once it is gone)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signum)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the VM goes silent. The kernel still completes handshakes into the listen
+        backlog, but nothing answers, nothing is reset: clients wait for their timeouts."""
+        self.signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.signal(signal.SIGCONT)
+
     def kill(self) -> None:
-        """SIGKILL: a power cut, as far as this process can tell."""
-        if self.alive():
-            self.popen.kill()
+        """SIGKILL: a power cut, as far as these processes can tell (a stopped one too)."""
+        self.signal(signal.SIGKILL)
         self.popen.wait(PATIENCE)
 
     def terminate(self, timeout: float = PATIENCE) -> int | None:
         if self.alive():
+            self.signal(signal.SIGCONT)  # a stopped process handles SIGTERM only once resumed
             self.popen.send_signal(signal.SIGTERM)
         try:
             return self.popen.wait(timeout)
@@ -346,10 +367,13 @@ class Sidecar:
         self.workdir = workdir
         self.cpu = cpu
         self.env = env or {}
+        self.boot_id_file = workdir / f"{name}-boot_id"
+        self.boot_id_file.write_text(f"{uuid.uuid4()}\n")
         self.settings = {
             "SIDECAR_HOST": "127.0.0.1",
             "SIDECAR_PORT": str(self.port),
             "SIDECAR_STATE_FILE": str(workdir / f"{name}-state.json"),
+            "SIDECAR_BOOT_ID_FILE": str(self.boot_id_file),
             **settings,
         }
         self.child = self._start()
@@ -386,6 +410,10 @@ class Sidecar:
     def kill(self) -> None:
         self.child.close()
 
+    def new_boot_id(self) -> None:
+        """What a reboot does to /proc/sys/kernel/random/boot_id."""
+        self.boot_id_file.write_text(f"{uuid.uuid4()}\n")
+
     def restart(self) -> None:
         self.child.close()
         self.child = self._start()
@@ -395,7 +423,10 @@ class Sidecar:
 
 
 class WebApp:
-    """The stand-in for the user's web app (benchmarks/webapp.py); restartable on its port."""
+    """The stand-in for the user's web app (benchmarks/webapp.py); restartable on its port.
+    Its drain hook is `POST /drain` (SIDECAR_DRAIN_HOOK_URL)."""
+
+    kind = "webapp"
 
     def __init__(self, workdir: Path, name: str, *, cpu: int | None = None) -> None:
         self.name = name
@@ -403,6 +434,17 @@ class WebApp:
         self.workdir = workdir
         self.cpu = cpu
         self.child = self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def hook_settings(self) -> dict[str, str]:
+        """The sidecar settings that make it drain this app."""
+        return {
+            "SIDECAR_DRAIN_HOOK_URL": f"{self.url}/drain",
+            "SIDECAR_UNDRAIN_HOOK_URL": f"{self.url}/undrain",
+        }
 
     def start(self) -> Child:
         child = Child(
@@ -422,6 +464,109 @@ class WebApp:
             return listening(self.port)
 
         wait_for(up, f"app {self.name} on port {self.port}", timeout, every=0.01)
+
+    def kill(self) -> None:
+        self.child.close()
+
+    def close(self) -> None:
+        self.child.close()
+
+
+def nginx_binary() -> str | None:
+    """Debian puts nginx in /usr/sbin, which a non-root PATH may lack."""
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+
+
+def nginx_config(root: Path, port: int, name: str) -> str:
+    """nginx as an unprivileged app on loopback: every path it writes is under `root`. Run as
+    root (CI), its workers keep our user instead of switching to `nobody`, which a user
+    namespace that maps only root (scripts/check) could not do."""
+    user = ""
+    if os.geteuid() == 0:
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
+    temp = "\n".join(
+        f"    {kind}_temp_path {root}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""# written by benchmarks/lab.py
+{user}daemon off;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log notice;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+{temp}
+    default_type text/plain;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location /slow {{
+            # a request in flight for a while: 600 kB sent at 100 kB/s (6 s)
+            alias {root}/slow.bin;
+            limit_rate 100k;
+            add_header X-Backend {name} always;
+        }}
+        location / {{
+            add_header X-Backend {name} always;
+            return 200 "hello from {name}\\n";
+        }}
+    }}
+}}
+"""
+
+
+class Nginx:
+    """Debian's nginx as the app, with its own config, pid file, logs and temp paths in a
+    directory of its own; restartable on its port. Its drain hook is a graceful reload."""
+
+    kind = "nginx"
+    SLOW_BYTES = 600_000
+
+    def __init__(self, workdir: Path, name: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.workdir = workdir
+        self.root = workdir / f"{name}-nginx"
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "slow.bin").write_bytes(b"x" * self.SLOW_BYTES)
+        self.config = self.root / "nginx.conf"
+        self.config.write_text(nginx_config(self.root, self.port, name))
+        self.binary = nginx_binary() or "nginx"
+        self.child = self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self, *args: str) -> list[str]:
+        """nginx with this instance's config and error log (`-e`: not Debian's /var/log)."""
+        return [self.binary, "-c", str(self.config), "-e", str(self.root / "error.log"), *args]
+
+    def reload_command(self) -> str:
+        """The graceful reload, as SIDECAR_DRAIN_COMMAND: new workers take new connections;
+        the old ones finish their requests, close their keep-alive connections, and exit."""
+        return " ".join(self.command("-s", "reload"))
+
+    def hook_settings(self) -> dict[str, str]:
+        return {"SIDECAR_DRAIN_COMMAND": self.reload_command()}
+
+    def start(self) -> Child:
+        (self.root / "nginx.pid").unlink(missing_ok=True)
+        self.child = Child(self.command(), self.workdir / f"{self.name}-nginx.log")
+        return self.child
+
+    def wait_listening(self, timeout: float = PATIENCE) -> None:
+        def up() -> bool:
+            if not self.child.alive():
+                raise RuntimeError(
+                    f"nginx {self.name} exited:\n{self.child.output()}"
+                    f"{(self.root / 'error.log').read_text(errors='replace')[-2000:]}"
+                )
+            return listening(self.port) and (self.root / "nginx.pid").exists()
+
+        wait_for(up, f"nginx {self.name} on port {self.port}", timeout, every=0.01)
 
     def kill(self) -> None:
         self.child.close()
@@ -450,6 +595,8 @@ class CheckPolicy:
     inter_ms: int = 1000
     fall: int = 2
     rise: int = 2
+    timeout_ms: int = 1000
+    """A check without an answer within this fails (Azure: min(interval, 30 s))."""
 
 
 def haproxy_available() -> bool:
@@ -484,7 +631,7 @@ defaults
     timeout connect 2s
     timeout client 30s
     timeout server 30s
-    timeout check 1s
+    timeout check {checks.timeout_ms}ms
     retries 0
 
 frontend vip

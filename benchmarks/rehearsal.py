@@ -7,10 +7,17 @@ not retried for the client, flows established before a backend goes down continu
 sidecar's `/health` every second (fall 2, rise 2). A closed-loop client (benchmarks/loadgen.py)
 sends steady traffic through it.
 
-A maintenance event for web-1 is scheduled; when the sidecar approves it, web-1 "reboots": its
-app and sidecar are killed (SIGKILL), the event is cleared, and after `reboot_seconds` both start
-again, the sidecar with its state file. Then the same maintenance runs **without the sidecar**:
-HAProxy probes the app port itself, and web-1 is killed at the same offset after the event.
+A maintenance event for web-1 is scheduled with an impact window (the simulator's
+`impact_after`/`impact_seconds`) and stays listed after it, as in Azure. The harness watches the
+event's control view and reboots web-1 as a real VM reboots: when the impact begins, its app and
+sidecar are stopped (SIGSTOP: silent, no connection is reset, clients wait for their timeout);
+when it ends, both are killed and started again (the boot), the sidecar with its state file and a
+new boot id, so that SIDECAR_RETURN_AFTER=impact brings web-1 back while the event still lingers.
+Then the same maintenance runs **without the sidecar**: HAProxy probes the app port itself, and
+the impact is started (`POST /control/events/{id}/impact`) at the same offset after the event.
+
+Keep-alive scenarios run with and without the drain hook: the stand-in app's `POST /drain`, or
+Debian's nginx gracefully reloaded (`nginx -s reload` as SIDECAR_DRAIN_COMMAND).
 
 With pool removal (`reboot-arm`), the sidecar also takes web-1's NIC out of the simulated ARM's
 `pool-http`. HAProxy knows no Azure pools, so `PoolMirror` models the pool: it watches the
@@ -41,6 +48,7 @@ from benchmarks.lab import (
     CheckPolicy,
     Child,
     HAProxy,
+    Nginx,
     Sidecar,
     Simulator,
     StatusWatcher,
@@ -68,7 +76,12 @@ class Plan:
     warmup: float = 3.0
     """Traffic before the event, seconds."""
     reboot_seconds: float = 5.0
-    """How long web-1 stays dead."""
+    """The impact: how long web-1 stays silent (stopped) before it boots."""
+    linger: float = 600.0
+    """How long a started Reboot stays listed after its impact, as in Azure (~10 minutes): the
+    sidecars run with SIDECAR_RETURN_AFTER=impact, so web-1 returns long before it leaves."""
+    request_timeout: float = 2.0
+    """The client's timeout per request: a request to a frozen VM fails after this."""
     tail: float = 3.0
     """Traffic after web-1 is back in rotation, seconds."""
     poll_interval: float = 1.0
@@ -91,6 +104,10 @@ class Scenario:
     not_before_in: float = 900.0
     arm: bool = False
     keepalive: bool = False
+    hook: bool = False
+    """The sidecars call the app's drain hook: webapp `POST /drain`, nginx a graceful reload."""
+    app: str = "webapp"
+    """webapp (benchmarks/webapp.py) or nginx (Debian's)."""
     settings: Mapping[str, str] = field(default_factory=dict)
     """More SIDECAR_* settings, for both sidecars."""
 
@@ -113,11 +130,36 @@ SCENARIOS = {
         ),
         Scenario(
             "reboot-keepalive",
-            "Reboot, clients on keep-alive connections (flows pinned to a backend)",
+            "Reboot, clients on keep-alive connections (flows pinned to a backend), no hook",
             keepalive=True,
+        ),
+        Scenario(
+            "reboot-keepalive-hook",
+            "Reboot, keep-alive clients, drain hook: the app's POST /drain",
+            keepalive=True,
+            hook=True,
+        ),
+        Scenario(
+            "nginx-keepalive",
+            "Reboot, keep-alive clients, Debian's nginx as the app, no hook",
+            keepalive=True,
+            app="nginx",
+        ),
+        Scenario(
+            "nginx-keepalive-hook",
+            "Reboot, keep-alive clients, nginx, drain hook: graceful reload (nginx -s reload)",
+            keepalive=True,
+            hook=True,
+            app="nginx",
         ),
     )
 }
+
+PAIRS = (
+    ("reboot-keepalive", "reboot-keepalive-hook"),
+    ("nginx-keepalive", "nginx-keepalive-hook"),
+)
+"""Keep-alive scenarios without and with the drain hook, shown side by side."""
 
 
 class PoolMirror:
@@ -184,11 +226,60 @@ class Moments:
     load_ready: float = 0.0
     event: float = 0.0
     approval_seen: float | None = None
-    kill: float = 0.0
+    freeze: float = 0.0
+    """The impact began: web-1's app and sidecar stopped (SIGSTOP)."""
     boot: float = 0.0
+    """The impact is over: both killed and started again, with a new boot id."""
     app_up: float = 0.0
     back: float = 0.0
     end: float = 0.0
+
+
+App = WebApp | Nginx
+
+
+def impact_of(simulator: Simulator, event_id: str) -> str | None:
+    """The simulator's impact state of an event: None, pending, in-progress, over."""
+    for view in simulator.control("GET", "/events")["events"]:
+        if view["EventId"] == event_id:
+            state: str | None = view["impact"]
+            return state
+    return None
+
+
+def reboot_through_impact(
+    simulator: Simulator,
+    event_id: str,
+    app: App,
+    sidecar: Sidecar | None,
+    moments: Moments,
+    timeout: float,
+) -> None:
+    """The VM reboots, timed by the simulator's impact window. At the impact it goes silent
+    (SIGSTOP to the app and the sidecar: no answer and no reset, as for packets to a rebooting
+    VM); when the impact is over it boots: both are killed and started again, the sidecar with a
+    new boot id, the app first, the sidecar once the app listens (as a unit ordering would)."""
+    wait_for(
+        lambda: impact_of(simulator, event_id) in ("in-progress", "over"),
+        "the impact to begin",
+        timeout=timeout,
+        every=0.005,
+    )
+    moments.freeze = time.monotonic()
+    app.child.freeze()
+    if sidecar is not None:
+        sidecar.child.freeze()
+    wait_for(lambda: impact_of(simulator, event_id) == "over", "the impact to end", every=0.01)
+    moments.boot = time.monotonic()
+    app.kill()
+    if sidecar is not None:
+        sidecar.kill()
+        sidecar.new_boot_id()
+    app.start()
+    app.wait_listening()
+    moments.app_up = time.monotonic()
+    if sidecar is not None:
+        sidecar.restart()  # same port, same state file, a new boot id
 
 
 def run_phase(
@@ -197,33 +288,33 @@ def run_phase(
     plan: Plan,
     *,
     with_sidecar: bool,
-    kill_after: float | None = None,
+    impact_after: float | None = None,
 ) -> dict[str, Any]:
-    """One rehearsal run. Without the sidecar, web-1 dies `kill_after` seconds after the event."""
+    """One rehearsal run. Without the sidecar, the impact begins `impact_after` seconds after
+    the event (the moment it began in the run with the sidecar)."""
     workdir.mkdir(parents=True, exist_ok=True)
     moments = Moments()
     with contextlib.ExitStack() as stack:
         simulator = Simulator(
             workdir,
             *(("--arm-port", "0", "--arm-retry-after", "0.2") if scenario.arm else ("--no-arm",)),
-            "--started-seconds",
-            "2",
         )
         stack.callback(simulator.close)
         simulator.control("POST", "/vms", {"name": "web-2"})
-        apps: dict[str, WebApp] = {}
+        apps: dict[str, App] = {}
         for vm in VMS:
-            apps[vm] = WebApp(workdir, vm)
+            apps[vm] = Nginx(workdir, vm) if scenario.app == "nginx" else WebApp(workdir, vm)
             stack.callback(apps[vm].close)
+        for app in apps.values():
+            app.wait_listening()
         sidecars: dict[str, Sidecar] = {}
         if with_sidecar:
             for vm in VMS:
-                sidecars[vm] = Sidecar(
-                    workdir, vm, _sidecar_settings(simulator, vm, scenario, plan)
-                )
+                settings = _sidecar_settings(simulator, vm, scenario, plan)
+                if scenario.hook:
+                    settings |= apps[vm].hook_settings()
+                sidecars[vm] = Sidecar(workdir, vm, settings)
                 stack.callback(sidecars[vm].close)
-        for app in apps.values():
-            app.wait_listening()
         for sidecar in sidecars.values():
             sidecar.wait_probe(200)
             if scenario.arm:
@@ -254,9 +345,17 @@ def run_phase(
 
         moments.event = time.monotonic()
         event = simulator.add_event(
-            type=scenario.event_type, resources=[TARGET], not_before_in=scenario.not_before_in
+            type=scenario.event_type,
+            resources=[TARGET],
+            not_before_in=scenario.not_before_in,
+            impact_after=0,
+            impact_seconds=plan.reboot_seconds,
+            # Azure keeps a started Reboot listed for ~10 minutes; a Preempt's VM never comes
+            # back, so only the event's removal can bring the sidecar back: let it go soon
+            linger=1 if scenario.event_type == "Preempt" else plan.linger,
         )
         approval = None
+        hooks = None
         if with_sidecar:
             approval = wait_for(
                 lambda: simulator.approvals_of(event["EventId"]),
@@ -265,23 +364,21 @@ def run_phase(
                 every=0.01,
             )[0]
             moments.approval_seen = time.monotonic()
+            if scenario.hook:  # approval waited for the hook: its outcome is known now
+                hooks = sidecars[TARGET].status()["hooks"]
         else:
-            assert kill_after is not None, "the baseline needs the sidecar run's kill moment"
-            time.sleep(max(0.0, moments.event + kill_after - time.monotonic()))
+            assert impact_after is not None, "the baseline needs the sidecar run's impact moment"
+            time.sleep(max(0.0, moments.event + impact_after - time.monotonic()))
+            simulator.control("POST", f"/events/{event['EventId']}/impact")  # NotBefore, early
 
-        # the reboot: power off, the platform retires the event, power on
-        moments.kill = time.monotonic()
-        apps[TARGET].kill()
-        if with_sidecar:
-            sidecars[TARGET].kill()
-        simulator.cancel_event(event["EventId"])
-        time.sleep(plan.reboot_seconds)
-        moments.boot = time.monotonic()
-        apps[TARGET].start()
-        apps[TARGET].wait_listening()
-        moments.app_up = time.monotonic()
-        if with_sidecar:
-            sidecars[TARGET].restart()  # same port, same state file
+        reboot_through_impact(
+            simulator,
+            event["EventId"],
+            apps[TARGET],
+            sidecars.get(TARGET),
+            moments,
+            timeout=scenario.not_before_in + PATIENCE,
+        )
         back = watchers[TARGET].wait(
             lambda: watchers[TARGET].back_since(moments.boot),
             f"{TARGET} back in HAProxy's rotation",
@@ -289,7 +386,7 @@ def run_phase(
         )
         moments.back = back
         time.sleep(plan.tail)
-        records = _stop_load(load, workdir)
+        records, retried = _stop_load(load, workdir)
         moments.end = time.monotonic()
         approvals = len(simulator.approvals_of(event["EventId"])) if with_sidecar else 0
         return _summarize(
@@ -298,10 +395,12 @@ def run_phase(
             event=event,
             approval=approval,
             approvals=approvals,
+            retried=retried,
             target=watchers[TARGET],
             other=watchers["web-2"],
             mirror=mirror,
             with_sidecar=with_sidecar,
+            hooks=hooks,
         )
 
 
@@ -323,6 +422,8 @@ def _sidecar_settings(
         "SIDECAR_POLL_INTERVAL": str(plan.poll_interval),
         "SIDECAR_DRAIN_SECONDS": str(plan.drain_seconds),
         "SIDECAR_MIN_DRAIN_SECONDS": str(plan.min_drain_seconds),
+        # back once the VM has rebooted, while the event still lingers (as in Azure)
+        "SIDECAR_RETURN_AFTER": "impact",
         **scenario.settings,
     }
     if scenario.arm:
@@ -354,6 +455,8 @@ def _start_load(workdir: Path, port: int, scenario: Scenario, plan: Plan) -> Chi
         str(workdir / "load.json"),
         "--ready-file",
         str(workdir / "load-ready.json"),
+        "--timeout",
+        str(plan.request_timeout),
     ]
     if scenario.keepalive:
         args.append("--keepalive")
@@ -366,11 +469,11 @@ def _died(child: Child) -> bool:
     return False
 
 
-def _stop_load(load: Child, workdir: Path) -> list[list[Any]]:
+def _stop_load(load: Child, workdir: Path) -> tuple[list[list[Any]], int]:
     load.terminate(timeout=PATIENCE)
     result = json.loads((workdir / "load.json").read_text())
     records: list[list[Any]] = result["records"]
-    return records
+    return records, int(result["retried"])
 
 
 def _summarize(
@@ -380,13 +483,15 @@ def _summarize(
     event: dict[str, Any],
     approval: dict[str, Any] | None,
     approvals: int,
+    retried: int,
     target: StatusWatcher,
     other: StatusWatcher,
     mirror: PoolMirror | None,
     with_sidecar: bool,
+    hooks: dict[str, Any] | None,
 ) -> dict[str, Any]:
     failures = [r for r in records if r[2] is not None]
-    latencies = [r[1] * 1000 for r in records]
+    latencies = [r[1] * 1000 for r in records if r[2] is None]  # of the answered requests
     out = target.out_since(moments.event)
     since_event = moments.event
 
@@ -400,6 +505,9 @@ def _summarize(
         "failed": len(failures),
         "failure_rate": len(failures) / len(records) if records else None,
         "failures_by_error": dict(Counter(r[2] for r in failures)),
+        "retried": retried,
+        "retried_then_failed": sum(1 for r in failures if r[4]),
+        "hooks": hooks,
         "latency_ms": {k: v for k, v in distribution(latencies).items() if k != "count"},
         "event_to_approval_s": (
             round(wall_time(approval["at"]) - wall_time(event["created_at"]), 3)
@@ -407,9 +515,12 @@ def _summarize(
             else None
         ),
         "approvals": approvals,
-        "event_to_kill_s": rel(moments.kill),
+        "event_to_impact_s": rel(moments.freeze),
+        "impact_s": round(moments.boot - moments.freeze, 3),
         "out_of_rotation_s": round(moments.back - out, 3) if out is not None else None,
-        "out_of_rotation_before_kill_s": round(moments.kill - out, 3) if out is not None else None,
+        "out_of_rotation_before_impact_s": (
+            round(moments.freeze - out, 3) if out is not None else None
+        ),
         "back_in_rotation_after_boot_s": round(moments.back - moments.boot, 3),
         "served_by_target_after_back": sum(1 for r in after_back if r[3] == TARGET),
         "requests_after_back": len(after_back),
@@ -422,7 +533,7 @@ def _summarize(
             "event": 0.0,
             "left_rotation": rel(out),
             "approval_seen": rel(moments.approval_seen),
-            "kill": rel(moments.kill),
+            "impact_frozen": rel(moments.freeze),
             "boot": rel(moments.boot),
             "app_listening": rel(moments.app_up),
             "back_in_rotation": rel(moments.back),
@@ -438,14 +549,14 @@ def _summarize(
 
 
 def run_scenario(workdir: Path, scenario: Scenario, plan: Plan) -> dict[str, Any]:
-    """With the sidecar, then without it, killing web-1 at the moment the sidecar run did."""
+    """With the sidecar, then without it, the impact beginning when it did with the sidecar."""
     with_sidecar = run_phase(workdir / "with-sidecar", scenario, plan, with_sidecar=True)
     without = run_phase(
         workdir / "without-sidecar",
         scenario,
         plan,
         with_sidecar=False,
-        kill_after=with_sidecar["event_to_kill_s"],
+        impact_after=with_sidecar["event_to_impact_s"],
     )
     return {
         "title": scenario.title,
@@ -459,13 +570,14 @@ ROWS: tuple[tuple[str, str], ...] = (
     ("requests sent", "requests"),
     ("failed requests", "failed"),
     ("failure rate %", "failure_rate"),
+    ("retried on a new connection", "retried"),
     ("latency p50 ms", "p50"),
     ("latency p99 ms", "p99"),
     ("latency max ms", "max"),
     ("event -> approval s", "event_to_approval_s"),
-    ("event -> web-1 killed s", "event_to_kill_s"),
+    ("event -> impact (web-1 frozen) s", "event_to_impact_s"),
     ("web-1 left rotation, s after event", "left"),
-    ("web-1 out before the kill s", "out_of_rotation_before_kill_s"),
+    ("web-1 out before the impact s", "out_of_rotation_before_impact_s"),
     ("web-1 out of rotation s", "out_of_rotation_s"),
     ("requests web-1 served after return", "served_by_target_after_back"),
 )
@@ -493,6 +605,7 @@ def render_summary(results: dict[str, Any]) -> str:
                 name,
                 f"{w['failed']} / {wo['failed']}",
                 f"{w['requests']:,} / {wo['requests']:,}",
+                f"{w['retried']} / {wo['retried']}",
                 f"{w['latency_ms']['max']:.1f} / {wo['latency_ms']['max']:.1f}",
                 f"{w['out_of_rotation_s']:.1f} / {wo['out_of_rotation_s']:.1f}",
                 w["event_to_approval_s"],
@@ -503,9 +616,44 @@ def render_summary(results: dict[str, Any]) -> str:
             "scenario",
             "failed: with / without",
             "requests: with / without",
+            "retried",
             "max latency ms",
             "web-1 out of rotation s",
             "event -> approval s",
+        ),
+        rows,
+    )
+
+
+def render_pairs(results: dict[str, Any]) -> str | None:
+    """Keep-alive clients with the sidecar, without and with its drain hook, side by side."""
+    scenarios = results["scenarios"]
+    rows = []
+    for plain, hooked in PAIRS:
+        if plain not in scenarios or hooked not in scenarios:
+            continue
+        p, h = scenarios[plain]["with_sidecar"], scenarios[hooked]["with_sidecar"]
+        baseline = scenarios[plain]["without_sidecar"]
+        rows.append(
+            (
+                f"{plain} / {hooked}",
+                f"{p['failed']} / {h['failed']}",
+                f"{p['retried']} / {h['retried']}",
+                f"{p['requests']:,} / {h['requests']:,}",
+                (h["hooks"] or {}).get("drain"),
+                baseline["failed"],
+            )
+        )
+    if not rows:
+        return None
+    return table(
+        (
+            "keep-alive: no hook / hook",
+            "failed",
+            "retried",
+            "requests",
+            "hook",
+            "failed without sidecar",
         ),
         rows,
     )
@@ -563,6 +711,10 @@ def main() -> None:
         print()
         print(render(results))
         print(render_summary(results))
+        pairs = render_pairs(results)
+        if pairs:
+            print()
+            print(pairs)
         print()
         path = write_results("rehearsal.quick" if args.quick else "rehearsal", results)
         print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")

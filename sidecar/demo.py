@@ -2,6 +2,11 @@
 
 The simulator and the sidecar run in this process, but talk only over HTTP, exactly as they do
 apart. The timeline is read from the outside: the probe, /status and the simulator's control API.
+
+The Reboot lingers as in Azure (listed as Started for 10 minutes after it starts) and the
+sidecar runs with SIDECAR_RETURN_AFTER=impact: when the simulator's impact begins, the "VM"
+goes down (the sidecar stops), and when it is over the VM boots (a new id in the boot-id file,
+the sidecar starts again), which brings it back in rotation while the event is still listed.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,10 @@ DEMO_VM = "demo-vm"
 TIME_LIMIT_SECONDS = 55.0
 NOTICE_SECONDS = 60
 DRAIN_SECONDS = 5.0
+IMPACT_AFTER_SECONDS = 1.0
+IMPACT_SECONDS = 2.0
+LINGER_SECONDS = 600
+"""Microsoft: a started event stays listed about 10 minutes; the demo is over long before."""
 
 
 @dataclass
@@ -37,6 +48,9 @@ class Facts:
     phase: str | None = None
     sim_status: str | None = None
     approvals: int = 0
+    impact: str | None = None
+    """The simulator's impact state: pending, in-progress, over."""
+    reason: str | None = None
     pools: int | None = None
     """Backend-pool memberships of the demo VM's NIC, as (simulated) ARM sees them."""
 
@@ -63,6 +77,8 @@ async def run_demo() -> int:
         )
         urls = await simulator.start()
         _no_proxy_for_loopback()
+        boot_id_file = Path(workdir) / "boot_id"
+        boot_id_file.write_text(f"{uuid.uuid4()}\n")
         settings = Settings(
             imds_url=urls.imds_url,
             arm_enabled=True,
@@ -74,13 +90,15 @@ async def run_demo() -> int:
             host="127.0.0.1",
             port=_free_port(),
             state_file=Path(workdir) / "state.json",
+            return_after="impact",
+            boot_id_file=boot_id_file,
             log_level="WARNING",
         )
-        stop = asyncio.Event()
-        sidecar = asyncio.create_task(app.run(settings, stop), name="sidecar")
+        vm = Vm(settings, boot_id_file)
+        vm.power_on()
         try:
             async with aiohttp.ClientSession(trust_env=False) as http:
-                timeline = Timeline(http, urls.control_url, settings)
+                timeline = Timeline(http, urls.control_url, settings, vm)
                 print(f"simulator: IMDS at {urls.imds_url}, control API at {urls.control_url}")
                 print(f"simulator: ARM at {urls.arm_url} (HTTPS, CA in {urls.ca_file})")
                 print(f"sidecar:   probe at {timeline.probe_url}, VM name from instance metadata")
@@ -89,14 +107,45 @@ async def run_demo() -> int:
             print(f"demo did not finish within {TIME_LIMIT_SECONDS:g}s", file=sys.stderr)
             ok = False
         finally:
-            stop.set()
-            await sidecar
+            await vm.power_off()
             await simulator.stop()
     return 0 if ok else 1
 
 
+class Vm:
+    """The demo's VM: the sidecar (in this process) and the VM's boot id."""
+
+    def __init__(self, settings: Settings, boot_id_file: Path) -> None:
+        self.settings = settings
+        self.boot_id_file = boot_id_file
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def boot_id(self) -> str:
+        return self.boot_id_file.read_text().strip()
+
+    def power_on(self) -> None:
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(app.run(self.settings, self.stop), name="sidecar")
+
+    async def power_off(self) -> None:
+        if self.task is not None:
+            self.stop.set()
+            await self.task
+            self.task = None
+
+    async def reboot(self) -> None:
+        """Down with the sidecar; up again with a new boot id, as after a real reboot."""
+        await self.power_off()
+        self.boot_id_file.write_text(f"{uuid.uuid4()}\n")
+        self.power_on()
+
+
 class Timeline:
-    def __init__(self, http: aiohttp.ClientSession, control_url: str, settings: Settings) -> None:
+    def __init__(
+        self, http: aiohttp.ClientSession, control_url: str, settings: Settings, vm: Vm
+    ) -> None:
+        self.vm = vm
         self.http = http
         self.control_url = control_url
         self.base_url = f"http://{settings.host}:{settings.port}"
@@ -111,7 +160,14 @@ class Timeline:
         before = await self._until(lambda f: f.probe == 200 and bool(f.pools))
         self.say("probe", "200: serving, no maintenance pending")
         self.say("arm", f"NIC {DEMO_VM}-nic has {before.pools} backend-pool memberships")
-        event = {"type": "Reboot", "resources": [DEMO_VM], "not_before_in": NOTICE_SECONDS}
+        event = {
+            "type": "Reboot",
+            "resources": [DEMO_VM],
+            "not_before_in": NOTICE_SECONDS,
+            "impact_after": IMPACT_AFTER_SECONDS,
+            "impact_seconds": IMPACT_SECONDS,
+            "started_for": LINGER_SECONDS,
+        }
         self.event_id = (await self._control("POST", "/events", event))[0]["EventId"]
         self.say("azure", f"schedules a Reboot of {DEMO_VM}, NotBefore in {NOTICE_SECONDS}s")
 
@@ -128,26 +184,42 @@ class Timeline:
         await self._until(lambda f: f.approvals > 0)
         self.say("sidecar", "approves the event (POST StartRequests)")
         await self._until(lambda f: f.sim_status == "Started")
-        self.say("azure", "starts the event: the VM would reboot now")
-        await self._until(lambda f: f.sim_status is None)
-        self.say("azure", "the event is done and leaves the document")
+        self.say("azure", "starts the event (it stays listed for ~10 minutes, as in Azure)")
+        await self._until(lambda f: f.impact in ("in-progress", "over"))
+        old = self.vm.boot_id()
+        self.say("azure", f"reboots {DEMO_VM}: the sidecar goes down with it")
+        await self._until(lambda f: f.impact == "over", probe=False)
+        await self.vm.reboot()
+        self.say("vm", f"boots again: boot id {old[:8]}... -> {self.vm.boot_id()[:8]}...")
+        facts = await self._until(lambda f: f.phase == "over")
+        self.say("sidecar", f"{facts.reason} (SIDECAR_RETURN_AFTER=impact)")
         await self._until(lambda f: f.pools == before.pools)
         self.say("sidecar", "puts the NIC back in exactly the pools it left")
         facts = await self._until(lambda f: f.probe == 200)
         self.say("probe", "200: back in rotation")
+        listed = facts.sim_status == "Started"
+        if listed:
+            self.say("azure", "the event is still listed as Started: the VM did not wait for it")
         down = time.monotonic() - down_since
         self.say("done", f"{facts.approvals} approval; out of rotation for {down:.1f}s in all")
-        return facts.approvals == 1
+        return facts.approvals == 1 and listed
 
-    async def _until(self, condition: Any) -> Facts:
+    async def _until(self, condition: Callable[[Facts], bool], probe: bool = True) -> Facts:
         while True:
-            facts = await self._facts()
+            facts = await self._facts(probe)
             if condition(facts):
                 return facts
             await asyncio.sleep(0.05)
 
-    async def _facts(self) -> Facts:
+    async def _facts(self, probe: bool = True) -> Facts:
         facts = Facts()
+        document = await self._control("GET", "/events")
+        for entry in document["events"]:
+            if entry["EventId"] == self.event_id:
+                facts.sim_status = entry["EventStatus"]
+                facts.impact = entry["impact"]
+        if not probe:  # the VM is down: only the platform's side can be seen
+            return facts
         try:
             async with self.http.get(self.probe_url) as response:
                 facts.probe = response.status
@@ -157,10 +229,7 @@ class Timeline:
         for entry in status["events"]:
             if entry["id"] == self.event_id:
                 facts.phase = entry["phase"]
-        document = await self._control("GET", "/events")
-        for entry in document["events"]:
-            if entry["EventId"] == self.event_id:
-                facts.sim_status = entry["EventStatus"]
+                facts.reason = entry["reason"]
         approvals = await self._control("GET", "/approvals")
         facts.approvals = sum(1 for a in approvals if a["event_id"] == self.event_id)
         for nic in await self._control("GET", "/nics"):

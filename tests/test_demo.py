@@ -1,4 +1,6 @@
-"""The README's first command ends in `sidecar demo`: it must tell the whole story and exit 0."""
+"""The README's first command ends in `sidecar demo`: it must tell the whole story and exit 0,
+including the return after the reboot while the event is still listed (SIDECAR_RETURN_AFTER=impact,
+a new boot id)."""
 
 from __future__ import annotations
 
@@ -26,9 +28,12 @@ def test_demo_runs_one_maintenance_end_to_end() -> None:
         "takes the NIC out of its backend pools",
         "approves the event",
         "starts the event",
-        "leaves the document",
+        "reboots demo-vm: the sidecar goes down with it",
+        "boots again: boot id",
+        "impact over: this VM booted again (new boot id)",
         "puts the NIC back in exactly the pools it left",
         "200: back in rotation",
+        "the event is still listed as Started",
         "1 approval",
     ]
     lines = result.stdout.splitlines()
@@ -36,3 +41,6 @@ def test_demo_runs_one_maintenance_end_to_end() -> None:
     assert positions == sorted(positions), result.stdout
     seconds = float(lines[-1].split("s", 1)[0])
     assert seconds < 60
+    boot = next(line for line in lines if "boots again: boot id" in line)
+    old, new = boot.split("boot id ", 1)[1].split(" -> ")
+    assert old != new, boot

@@ -141,10 +141,14 @@ def test_healthcheck_is_liveness_not_readiness(
     assert run(*check, env=env).returncode == 1
 
 
-COMPOSE_FILES = [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.rehearsal.yml"]]
+COMPOSE_FILES = [
+    ["docker-compose.yml"],
+    ["docker-compose.yml", "docker-compose.rehearsal.yml"],
+    ["docker-compose.yml", "docker-compose.drain-hook.yml"],
+]
 
 
-@pytest.mark.parametrize("files", COMPOSE_FILES, ids=["production", "rehearsal"])
+@pytest.mark.parametrize("files", COMPOSE_FILES, ids=["production", "rehearsal", "drain-hook"])
 def test_compose_files_are_valid(files: list[str]) -> None:
     arguments = [part for name in files for part in ("-f", name)]
     result = run(tool("docker-compose"), *arguments, "config", "--quiet")
