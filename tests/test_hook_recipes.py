@@ -237,7 +237,9 @@ def test_nginx_under_compose_reloaded_by_its_entrypoint_on_the_sidecars_request(
             port=app.port,
             slow_path="/slow",
             slow_bytes=Nginx.SLOW_BYTES,
-            drain_command=f"touch {drain_dir}/reload",  # what docker-compose.drain-hook.yml sets
+            # what docker-compose.drain-hook.yml sets: ask, then wait until nginx took it
+            drain_command=f"sh -c 'touch {drain_dir}/reload && "
+            f"while [ -e {drain_dir}/reload ]; do sleep 0.2; done'",
         )
         assert "nginx reloaded gracefully" in entrypoint.output()
         assert entrypoint.terminate(PATIENCE) == 0, "docker stop: nginx should stop gracefully"

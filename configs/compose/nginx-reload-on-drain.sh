@@ -4,7 +4,8 @@
 # through a file on a volume both containers mount: the sidecar, unprivileged in its own
 # container, cannot signal nginx's master (root) itself. A graceful reload starts new workers;
 # the old ones finish the requests in flight, close their keep-alive connections and exit.
-#   sidecar: SIDECAR_DRAIN_COMMAND="touch /run/drain/reload"
+#   sidecar: SIDECAR_DRAIN_COMMAND="sh -c 'touch /run/drain/reload && while [ -e /run/drain/reload ]; do sleep 0.2; done'"
+# (the request is removed once nginx has been sent its SIGHUP: the hook then succeeds)
 set -eu
 dir=${DRAIN_DIR:-/run/drain}
 mkdir -p "$dir"
@@ -16,8 +17,8 @@ app=$!
 trap 'kill -QUIT "$app" 2>/dev/null || true' TERM INT QUIT
 while kill -0 "$app" 2>/dev/null; do
     if [ -e "$dir/reload" ]; then
-        rm -f "$dir/reload"
         kill -HUP "$app"
+        rm -f "$dir/reload"
         echo "nginx-reload-on-drain: drain requested, nginx reloaded gracefully" >&2
     fi
     sleep 1 &
