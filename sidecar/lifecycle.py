@@ -6,8 +6,8 @@ is listed, and names the event's removal as the signal to recover. `impact` acce
 on evidence only, never on a guess:
 - Reboot, Redeploy: the boot id differs from the one recorded when we first saw the event, so
   this VM went down and came back; a restart of the sidecar alone keeps the boot id;
-- Freeze: its `DurationInSeconds` (plus a margin) has passed since we saw it `Started`; an
-  unknown duration (-1) decides nothing;
+- Freeze: its `DurationInSeconds` (plus a margin) has passed since it began (after we last saw
+  it `Scheduled`), and a margin since we saw it `Started`; an unknown duration decides nothing;
 - Preempt, Terminate: the VM does not come back; nothing to decide.
 """
 
@@ -18,12 +18,20 @@ FREEZE = "Freeze"
 
 
 def freeze_over_at(
-    event_type: str, duration_seconds: int, started_seen: float | None, margin: float
+    event_type: str,
+    duration_seconds: int,
+    started_seen: float | None,
+    margin: float,
+    scheduled_seen: float | None = None,
 ) -> float | None:
-    """When a Freeze of known duration is over, counted from when we saw it start."""
+    """When a Freeze of known duration is over. It began after we last saw it `Scheduled`
+    (when we did) and before we first saw it `Started`: counting from the former is right
+    when the freeze paused this very process (then the latter comes after the freeze); and it is
+    never over sooner than a margin after we saw it started."""
     if event_type != FREEZE or duration_seconds < 0 or started_seen is None:
         return None
-    return started_seen + duration_seconds + margin
+    began = scheduled_seen if scheduled_seen is not None else started_seen
+    return max(began + duration_seconds + margin, started_seen + margin)
 
 
 def impact_over(

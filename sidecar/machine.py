@@ -134,6 +134,8 @@ class Tracked:
     """We saw it `Scheduled`, so a reboot after that is its impact (not an earlier one)."""
     impact_over_at: float | None = None
     """When a Freeze of known duration is over (`SIDECAR_RETURN_AFTER=impact` only)."""
+    scheduled_seen: float | None = None
+    """The last time we saw it `Scheduled`: a Freeze began after that."""
     hold_until: float | None = None
     """Held: the last moment the drain can start and still last the minimum before NotBefore."""
 
@@ -424,6 +426,7 @@ def _classify(
         )
     if event.started:
         return _started(ours, before, now, policy, state.boot_id)
+    ours = replace(ours, scheduled_seen=now.mono)
     if ours.approved_wall is not None:
         return replace(ours, phase=Phase.APPROVED, reason="approved earlier")
     held = _held(event, before, now, policy, state)
@@ -506,8 +509,13 @@ def _started(
         ours,
         started_seen=started_seen,
         seen_before_start=seen_before_start,
+        scheduled_seen=before.scheduled_seen if before is not None else None,
         impact_over_at=lifecycle.freeze_over_at(
-            ours.event_type, ours.duration_seconds, started_seen, policy.impact_margin_seconds
+            ours.event_type,
+            ours.duration_seconds,
+            started_seen,
+            policy.impact_margin_seconds,
+            before.scheduled_seen if before is not None else None,
         )
         if impact_mode
         else None,

@@ -574,3 +574,15 @@ def test_nothing_is_held_without_time_to_spare() -> None:
     guarded = DrainState(held_by=frozenset({"capacity"}))
     short = decide(guarded, doc(event(kind="Preempt", not_before=NOW + 14)), at()).state
     assert short.events["e1"].phase is not Phase.HELD
+
+
+def test_a_freeze_that_paused_this_process_counts_from_before_it() -> None:
+    """Found by the time-out-of-rotation benchmark: the freeze pauses the sidecar too, so it
+    first sees the event `Started` after the freeze; counting the duration from then held the
+    VM out for a second duration."""
+    scheduled = decide(DrainState(), doc(event(kind="Freeze", duration=30)), at(), IMPACT).state
+    started = decide(
+        scheduled, doc(event(kind="Freeze", status="Started", duration=30)), at(30.5), IMPACT
+    ).state
+    assert started.events["e1"].impact_over_at == mono(35.5)  # not 30.5 + 30 + 5
+    assert machine.tick(started, at(35.5), IMPACT).state.events["e1"].phase is Phase.OVER
