@@ -87,8 +87,8 @@ class PoolAction:
             "remove": Backoff(1.0, REMOVE_BACKOFF_MAX),
         }
         self._publish()
-        if self.removed:
-            log.warning(
+        if self.removed:  # expected after a reboot mid-maintenance: information, not a warning
+            log.info(
                 "the state file says %s out of backend pools; it goes back once no drain is due",
                 ", ".join(_name(nic_id) for nic_id in self.removed),
             )
