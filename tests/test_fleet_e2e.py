@@ -103,8 +103,14 @@ def test_the_guard_lets_one_vm_go_and_holds_the_others(simulator: Simulator, fle
     while time.monotonic() < until:
         assert up_vms(simulator) == {"web-2", "web-3"}
         time.sleep(0.1)
-    capacity = second.status()["capacity"]
-    assert capacity["holding"] and capacity["rules"][0]["up"] == 3  # web-2, web-3, other-vm
+    # the guard reads again (with back-off) and, with web-1 gone, still holds the others:
+    # web-2, web-3 and other-vm make the minimum of 3, with no room to spare
+    wait_for(
+        lambda: second.status()["capacity"]["rules"][0]["up"] == 3,
+        "web-2's guard to read the rule with web-1 out",
+    )
+    assert second.status()["capacity"]["holding"]
+    assert phase(second, event["EventId"]) == "held" and up_vms(simulator) == {"web-2", "web-3"}
 
     simulator.control("DELETE", f"/events/{event['EventId']}")
     wait_for(lambda: up_vms(simulator) == set(VMS), "all back")
@@ -164,9 +170,10 @@ def test_peer_aware_approval_waits_until_every_vm_named_is_out(
     wait_for(lambda: up_vms(simulator) == {"web-3"}, "web-1 and web-2 out")
     leader.wait_polls(12)  # 3 s: three drain periods
     assert simulator.approvals_of(event["EventId"]) == [], "approved while web-3 serves"
-    status = leader.status()
-    assert status["approval_waits_for"] == ["peers"]
-    assert status["peers"]["still_in"] == ["web-3"]
+    assert leader.status()["approval_waits_for"] == ["peers"]
+    # the gate reads the rule again (with back-off): web-1 and web-2 out, web-3 still in
+    wait_for(lambda: leader.status()["peers"]["still_in"] == ["web-3"], "the gate's next read")
+    assert simulator.approvals_of(event["EventId"]) == [], "approved while web-3 serves"
 
     fleet.start("web-3", peer_aware_approval="true", drain_seconds="1", min_drain_seconds="0")
     wait_for(lambda: simulator.approvals_of(event["EventId"]), "the approval once all are out")

@@ -31,7 +31,9 @@ from benchmarks.rehearsal import SCENARIOS, Plan, run_phase, run_scenario
 PLAN = Plan(
     rate=200.0,
     warmup=1.0,
-    reboot_seconds=2.0,
+    # well beyond the client's 2 s timeout: a keep-alive request stalled on the silent VM times
+    # out (a failure) instead of racing the boot's reset (which a client retries on a new flow)
+    reboot_seconds=2.0 + 3 * Plan().request_timeout,
     tail=1.0,
     poll_interval=0.5,
     drain_seconds=5.0,
