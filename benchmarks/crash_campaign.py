@@ -45,12 +45,14 @@ from typing import Any
 
 from benchmarks.lab import (
     PATIENCE,
+    RECORD_TAG,
     Sidecar,
     Simulator,
     fetch,
     machine,
     table,
     wall_time,
+    without_pools,
     write_results,
 )
 
@@ -66,7 +68,6 @@ NEXT_KILL = 3.0
 """Later timed kills fall in [0, NEXT_KILL] s after the previous restart."""
 TICK = 0.075
 NIC = "web-1-nic"
-RECORD_TAG = "drain-sidecar-removed"
 TIMESTAMP_SLACK = 0.001
 """The simulator's timestamps have milliseconds."""
 LAZY_SLACK = 0.3
@@ -252,8 +253,7 @@ class Campaign:
     def ready(self) -> bool:
         status = self.status()
         ok = status is not None and status["state"] == "serving"
-        # standby: pool removal ready, its SDKs loaded when a drain first needs them
-        return ok and status is not None and status["pools"]["mode"] in ("active", "standby")
+        return ok and status is not None and status["pools"]["mode"] == "active"
 
     # --- one run
 
@@ -498,21 +498,6 @@ def pools(nic: dict[str, Any]) -> dict[str, list[str]]:
         ]
         for config in nic["properties"]["ipConfigurations"]
     }
-
-
-def without_pools(nic: dict[str, Any]) -> dict[str, Any]:
-    """The NIC minus what a pool change may touch: pools, etags, states, our record tags."""
-    copy: dict[str, Any] = json.loads(json.dumps(nic))
-    copy.pop("etag", None)
-    copy["tags"] = {
-        k: v for k, v in (copy.get("tags") or {}).items() if not k.startswith(RECORD_TAG)
-    }
-    copy["properties"].pop("provisioningState", None)
-    for config in copy["properties"]["ipConfigurations"]:
-        config.pop("etag", None)
-        config["properties"].pop("loadBalancerBackendAddressPools", None)
-        config["properties"].pop("provisioningState", None)
-    return copy
 
 
 def run_campaign(workdir: Path, config: Config, progress: bool = False) -> dict[str, Any]:

@@ -802,3 +802,22 @@ def cpu_seconds(pid: int) -> float:
 
 
 MIB = 1024 * 1024
+
+
+RECORD_TAG = "drain-sidecar-removed"
+"""The NIC tag (and `-2`, `-3`, ...) where the sidecar records the pools it took the NIC out of."""
+
+
+def without_pools(nic: dict[str, Any]) -> dict[str, Any]:
+    """The NIC minus what a pool change may touch: pools, etags, states, our record tags."""
+    copy: dict[str, Any] = json.loads(json.dumps(nic))
+    copy.pop("etag", None)
+    copy["tags"] = {
+        k: v for k, v in (copy.get("tags") or {}).items() if not k.startswith(RECORD_TAG)
+    }
+    copy["properties"].pop("provisioningState", None)
+    for config in copy["properties"]["ipConfigurations"]:
+        config.pop("etag", None)
+        config["properties"].pop("loadBalancerBackendAddressPools", None)
+        config["properties"].pop("provisioningState", None)
+    return copy

@@ -1,17 +1,16 @@
 """`sidecar run`: wires the pieces together and owns their lifecycle.
 
 Start-up: descriptor limit raised, state file checked (a newer version's file stops start-up),
-Azure SDKs imported if pool removal is on (now, not when the first event arrives), probe server
-listening (503 until the first poll), then the background tasks under supervision: the drain
-loop and each gate's own task. A task that fails is restarted; the probe server never depends on
-one. Shutdown on SIGTERM/SIGINT: the tasks are cancelled, the state written, the probe server
-closed last; all within a few seconds, exit code 0.
+probe server listening (503 until the first poll), then the background tasks under supervision:
+the drain loop and each gate's own task (pool removal reaches ARM through a helper process, so
+the Azure SDKs are never loaded here). A task that fails is restarted; the probe server never
+depends on one. Shutdown on SIGTERM/SIGINT: the tasks are cancelled, the state written, the
+probe server closed last; all within a few seconds, exit code 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import resource
 import signal
@@ -161,12 +160,11 @@ def _start_pool_action(
     drainer: Drainer,
     supervisor: Supervisor,
 ) -> PoolGate:
-    """Pool removal's gates exist from the start; the Azure SDKs (about 60 MiB and half a second
-    of CPU) load only when ARM is first needed: a drain, an event the capacity guard holds, or
-    pools to put back. Loading them then takes well under a second, in a thread, while the probe
-    keeps answering; a Preempt's 30 s notice leaves room for it."""
-    from sidecar.arm_check import recorded_removals
+    """Pool removal and the fleet gates. ARM is reached through a helper process that carries
+    the Azure SDKs (about 60 MiB) only while ARM is needed (`sidecar.arm_process`); this VM's
+    NICs are found at start-up, so a missing permission shows now, not at the first drain."""
     from sidecar.arm_model import NicRef
+    from sidecar.arm_process import ArmProcess
     from sidecar.fleet import CapacityGuard, FleetView, Minimum, PeerApproval
     from sidecar.pools import PoolAction
 
@@ -185,26 +183,8 @@ def _start_pool_action(
     for gate in fleet:
         drainer.add_gate(gate)
 
-    async def needed_now() -> bool:
-        """At start-up: only when something may be out of its pools."""
-        if pools.removed:
-            return True
-        if document.store.existed and document.store.report.problem is None:
-            return False  # an intact state file without removals: the NICs have no record
-        recorded = await recorded_removals(settings)
-        if recorded is None:
-            return True  # the child could not tell: check here, with retries
-        await pools.adopt(recorded)
-        return bool(pools.removed)
-
     async def run() -> None:
         await drainer.identified.wait()
-        if not await needed_now():
-            log.info("pool removal ready: the Azure SDKs load when a drain first needs them")
-            pools.startup_checked = True
-            drainer.wake()
-            await pools.arm_wanted.wait()
-        arm = await asyncio.to_thread(importlib.import_module, "sidecar.arm")
         compute = drainer.compute
         subscription = (
             NicRef.parse(settings.nic_id).subscription
@@ -213,8 +193,12 @@ def _start_pool_action(
             if compute is not None
             else ""
         )
-        network = arm.ArmNetwork(settings, subscription)
+        network = ArmProcess(settings, subscription)
+        drainer.extra_status["arm_helper"] = network.status
         view.network = network
+        if document.store.existed and document.store.report.problem is None and not pools.removed:
+            pools.startup_checked = True  # an intact state file vouches: nothing is out
+            drainer.wake()
         pools.mode = "discovering"
         try:
             await asyncio.gather(pools.run(compute, network), *(gate.run() for gate in fleet))

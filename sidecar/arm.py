@@ -19,7 +19,7 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any, TypeVar
 
 from azure.core.exceptions import (
@@ -129,21 +129,22 @@ class ArmNetwork:
         removed, unreadable = pool_record.decode(nic.id, current.tags)
         return Recorded(removed, unreadable, self._checked(pools_by_ip_config, current))
 
-    async def planned_removal(self, nic: NicRef, chosen: Callable[[str], bool]) -> PoolsByIpConfig:
+    async def planned_removal(self, nic: NicRef, pool_filter: Collection[str]) -> PoolsByIpConfig:
         """What `remove_pools` would take out now (a dry run reads, never writes)."""
         current = await self._get(nic)
-        return self._checked(_leaving, current, chosen)
+        return self._checked(_leaving, current, pool_filter)
 
     async def remove_pools(
         self,
         nic: NicRef,
-        chosen: Callable[[str], bool],
+        pool_filter: Collection[str],
         before_write: Callable[[PoolsByIpConfig], Awaitable[None]],
     ) -> PoolsByIpConfig:
-        """Takes the NIC out of the chosen pools; `before_write` must persist the plan first."""
+        """Takes the NIC out of its pools (those of `pool_filter`, when it names any);
+        `before_write` must persist the plan first."""
 
         def plan(current: NetworkInterface) -> PoolsByIpConfig | None:
-            return _leaving(current, chosen) or None
+            return _leaving(current, pool_filter) or None
 
         def apply(current: NetworkInterface, change: PoolsByIpConfig) -> None:
             without(current, change)
@@ -381,7 +382,12 @@ def _provisioning(nic: NetworkInterface) -> str:
     return str(getattr(state, "value", state) or "").casefold()  # an enum's str is its name
 
 
-def _leaving(nic: NetworkInterface, chosen: Callable[[str], bool]) -> PoolsByIpConfig:
+def _leaving(nic: NetworkInterface, pool_filter: Collection[str]) -> PoolsByIpConfig:
+    wanted = folded(pool_filter)
+
+    def chosen(pool_id: str) -> bool:
+        return not wanted or pool_id.casefold() in wanted
+
     return {
         name: [pool for pool in pools if chosen(pool)]
         for name, pools in pools_by_ip_config(nic).items()

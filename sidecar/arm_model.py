@@ -1,16 +1,17 @@
 """What the rest of the sidecar knows of ARM, without loading the Azure SDKs.
 
 Why a module of its own: the SDKs cost about 60 MiB of memory and half a second of CPU, and a
-fleet multiplies that, so `sidecar.arm` (the SDK side) is imported only when pool removal first
-needs ARM. Everything the drain loop, the gates and the tests need to name (errors, resource
-references, permissions, rule health) lives here instead.
+fleet multiplies that, so `sidecar.arm` (the SDK side) runs in a helper process while ARM is
+needed (`sidecar.arm_process`). Everything the drain loop, the gates and the tests need to name
+(errors, resource references, permissions, rule health, the operations) lives here instead.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from sidecar.imds import Compute
 from sidecar.pool_record import PoolsByIpConfig
@@ -107,3 +108,33 @@ def merged(recorded: Mapping[str, list[str]], change: Mapping[str, list[str]]) -
 
 def folded(ids: Iterable[str]) -> set[str]:
     return {item.casefold() for item in ids}
+
+
+class Network(Protocol):
+    """The ARM operations pool removal and the fleet gates use (`sidecar.arm.ArmNetwork` does
+    them with the SDKs; `sidecar.arm_process.ArmProcess` has its helper process do them)."""
+
+    async def find_nics(self, compute: Compute) -> list[NicRef]: ...
+
+    async def recorded(self, nic: NicRef) -> Recorded: ...
+
+    async def planned_removal(
+        self, nic: NicRef, pool_filter: Collection[str]
+    ) -> PoolsByIpConfig: ...
+
+    async def remove_pools(
+        self,
+        nic: NicRef,
+        pool_filter: Collection[str],
+        before_write: Callable[[PoolsByIpConfig], Awaitable[None]],
+    ) -> PoolsByIpConfig: ...
+
+    async def restore_pools(
+        self, nic: NicRef, removed: Mapping[str, list[str]]
+    ) -> PoolsByIpConfig: ...
+
+    async def rules_of_pools(self, pool_ids: Collection[str]) -> list[str]: ...
+
+    async def rule_health(self, rule_id: str) -> RuleHealth: ...
+
+    async def vm_names(self, resource_group: str) -> dict[str, str]: ...

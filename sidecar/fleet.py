@@ -28,19 +28,16 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sidecar.arm_model import ArmError, Backend, RuleHealth
+from sidecar.arm_model import ArmError, Backend, Network, RuleHealth
 from sidecar.backoff import Backoff
 from sidecar.gates import Approval, Wanted
 from sidecar.machine import Tracked
 from sidecar.pools import PoolAction
 from sidecar.settings import MIN_HEALTHY_PATTERN, Settings
-
-if TYPE_CHECKING:  # the SDK side, imported only when ARM is first needed
-    from sidecar.arm import ArmNetwork
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +138,7 @@ class FleetView:
     def __init__(self, settings: Settings, pools: PoolAction) -> None:
         self.settings = settings
         self.pools = pools
-        self.network: ArmNetwork | None = None
+        self.network: Network | None = None
         self._rules: list[str] = sorted(settings.lb_rule_ids)
         self._rules_read = 0.0
         self._names: dict[str, str] = {}
@@ -179,7 +176,7 @@ class FleetView:
             for config in configs
         ]
 
-    async def _rules_now(self, network: ArmNetwork) -> list[str]:
+    async def _rules_now(self, network: Network) -> list[str]:
         if self.settings.lb_rule_ids:
             return self._rules
         if not self._rules or time.monotonic() - self._rules_read > RULES_REFRESH:
@@ -215,8 +212,6 @@ class CapacityGuard:
 
     def follow(self, wanted: Wanted) -> None:
         held = tuple(t for t in wanted.held)
-        if held:
-            self.view.pools.arm_wanted.set()
         if {t.event_id for t in held} != {t.event_id for t in self.held}:
             self.held = held
             self._changed.set()
@@ -263,19 +258,10 @@ class CapacityGuard:
         return body
 
     async def run(self) -> None:
-        backoff = Backoff(RECHECK_BASE, RECHECK_MAX)
-        while True:
-            self._changed.clear()
-            pause: float | None = None
-            if self.held and not frozenset(t.event_id for t in self.held) <= self.allowed_for:
-                allowed = await self._check()
-                if allowed:
-                    backoff.reset()
-                else:
-                    pause = backoff.next_delay()
-                self.on_change()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), pause)
+        def due() -> bool:
+            return bool(self.held) and not {t.event_id for t in self.held} <= self.allowed_for
+
+        await recheck(self._changed, due, self._check, self.on_change)
 
     async def _check(self) -> bool:
         held = self.held
@@ -354,22 +340,13 @@ class PeerApproval:
         return body
 
     async def run(self) -> None:
-        backoff = Backoff(RECHECK_BASE, RECHECK_MAX)
-        while True:
-            self._changed.clear()
-            pause: float | None = None
-            waiting = [t for t in self.pending if t.event_id not in self.confirmed]
-            if waiting:
-                await asyncio.sleep(random.uniform(0, 1))  # noqa: S311 - jitter, not secrets
-                if await self._check(waiting):
-                    backoff.reset()
-                else:
-                    pause = backoff.next_delay()
-                self.on_change()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), pause)
+        await recheck(self._changed, lambda: bool(self._waiting()), self._check, self.on_change)
 
-    async def _check(self, waiting: list[Tracked]) -> bool:
+    def _waiting(self) -> list[Tracked]:
+        return [t for t in self.pending if t.event_id not in self.confirmed]
+
+    async def _check(self) -> bool:
+        waiting = self._waiting()
         try:
             health = await self.view.health()
             names = await self.view.names(health)
@@ -391,6 +368,29 @@ class PeerApproval:
                 self.confirmed |= {tracked.event_id}
                 log.info("every VM %s names is out of rotation: approval may go", tracked.event_id)
         return done
+
+
+async def recheck(
+    changed: asyncio.Event,
+    due: Callable[[], bool],
+    check: Callable[[], Awaitable[bool]],
+    on_change: Callable[[], None],
+) -> None:
+    """Checks whenever `due`, soon after `changed` and again with back-off while a check says
+    no; a jitter of up to a second first, so that the VMs of one event do not read together."""
+    backoff = Backoff(RECHECK_BASE, RECHECK_MAX)
+    while True:
+        changed.clear()
+        pause: float | None = None
+        if due():
+            await asyncio.sleep(random.uniform(0, 1))  # noqa: S311 - jitter, not secrets
+            if await check():
+                backoff.reset()
+            else:
+                pause = backoff.next_delay()
+            on_change()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), pause)
 
 
 def _group_of(ipconfig_id: str) -> str:

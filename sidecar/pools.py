@@ -22,9 +22,9 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sidecar.arm_model import ArmError, NicRef, is_uniform_scale_set, merged
+from sidecar.arm_model import ArmError, Network, NicRef, is_uniform_scale_set, merged
 from sidecar.backoff import Backoff
 from sidecar.gates import Approval, Wanted
 from sidecar.imds import Compute
@@ -32,9 +32,6 @@ from sidecar.metrics import Metrics
 from sidecar.pool_record import PoolsByIpConfig
 from sidecar.settings import Settings
 from sidecar.store import StateDocument
-
-if TYPE_CHECKING:  # the SDK side, imported only when ARM is first needed
-    from sidecar.arm import ArmNetwork
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +57,11 @@ class PoolAction:
         self.metrics = metrics
         self.on_change = on_change
         self.removed: dict[str, PoolsByIpConfig] = _restore_record(document.sections)
-        self.arm_wanted = asyncio.Event()
-        """Set when ARM is first needed (a drain, pools to put back): the SDKs load then."""
         self.nics: list[NicRef] = []
         self.memberships: dict[str, PoolsByIpConfig] = {}
         """Each NIC's pools as read at discovery (the fleet gates find their rules from them)."""
         self.mode = "standby"
-        """standby (no ARM needed yet), discovering, active, probe-only."""
+        """standby (this VM not identified yet), discovering, active, probe-only."""
         self.note: str | None = None
         self._rediscover_on_drain = False
         self.want_out: bool | None = None
@@ -116,8 +111,6 @@ class PoolAction:
         return None
 
     def want(self, out: bool) -> None:
-        if out or self.removed:
-            self.arm_wanted.set()
         if out == self.want_out:
             return
         self.want_out = out
@@ -171,7 +164,7 @@ class PoolAction:
 
     # --- the work
 
-    async def run(self, compute: Compute | None, network: ArmNetwork) -> None:
+    async def run(self, compute: Compute | None, network: Network) -> None:
         """Reconciles until cancelled: pools follow `want`, retries follow their back-off."""
         while True:
             self._changed.clear()
@@ -258,7 +251,7 @@ class PoolAction:
         else:
             self.gave_up = True
 
-    async def _discover(self, network: ArmNetwork, compute: Compute | None) -> None:
+    async def _discover(self, network: Network, compute: Compute | None) -> None:
         if self.settings.nic_id:
             nics = [NicRef.parse(self.settings.nic_id)]
         elif compute is not None and is_uniform_scale_set(compute):
@@ -287,7 +280,7 @@ class PoolAction:
         self._rediscover_on_drain = False
         log.info("pool removal on for %s", ", ".join(nic.name for nic in self.nics))
 
-    async def _adopt_record(self, network: ArmNetwork, nic: NicRef) -> None:
+    async def _adopt_record(self, network: Network, nic: NicRef) -> None:
         """A removal the NIC remembers and the state file does not (lost, damaged, replaced)."""
         recorded = await network.recorded(nic)
         self.memberships[nic.id] = recorded.current
@@ -315,13 +308,12 @@ class PoolAction:
                     _describe(removed),
                 )
                 self.removed[str(nic_id)] = combined
-                self.arm_wanted.set()
                 await self._save()
 
-    async def _remove(self, network: ArmNetwork) -> None:
+    async def _remove(self, network: Network) -> None:
         if self.settings.dry_run:  # read what would leave, write nothing
             for nic in self.nics:
-                plan = await network.planned_removal(nic, self._chosen)
+                plan = await network.planned_removal(nic, self._pool_filter)
                 log.info("dry run: %s would leave backend pools %s", nic.name, _describe(plan))
             self.removal_done = True
             return
@@ -331,14 +323,14 @@ class PoolAction:
                 self.removed[nic_id] = merged(self.removed.get(nic_id, {}), change)
                 await self._save()
 
-            removed = await network.remove_pools(nic, self._chosen, record)
+            removed = await network.remove_pools(nic, self._pool_filter, record)
             if removed:
                 log.info("%s left backend pools %s", nic.name, _describe(removed))
             else:
                 log.info("%s is in none of the pools to leave", nic.name)
         self.removal_done = True
 
-    async def _restore(self, network: ArmNetwork) -> None:
+    async def _restore(self, network: Network) -> None:
         for nic_id, pools in list(self.removed.items()):
             added = await network.restore_pools(NicRef.parse(nic_id), pools)
             del self.removed[nic_id]
@@ -346,9 +338,6 @@ class PoolAction:
             what = f"rejoined backend pools {_describe(added)}" if added else "was already back"
             log.info("%s %s", _name(nic_id), what)
         self.restore_attempts += 1
-
-    def _chosen(self, pool_id: str) -> bool:
-        return not self._pool_filter or pool_id.casefold() in self._pool_filter
 
     async def _save(self) -> None:
         await self.document.write(SECTION, {"removed": self.removed})

@@ -305,6 +305,14 @@ class ArmSettings(BaseModel):
         le=300,
         description="Longest one NIC update may take, its long-running operation included.",
     )
+    arm_idle_seconds: float = Field(
+        60.0,
+        ge=1,
+        le=3600,
+        description="ARM is reached through a helper process that carries the Azure SDKs "
+        "(about 60 MiB); it stops after this long without an ARM call, and starts again (about a "
+        "second of CPU) when one is needed.",
+    )
     managed_identity_client_id: str | None = Field(
         None,
         min_length=1,

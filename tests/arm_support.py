@@ -56,19 +56,6 @@ ORIGINAL = {"ipconfig1": ["pool-http", "pool-admin"], "ipconfig2": ["pool-http"]
 EMPTY = {"ipconfig1": [], "ipconfig2": []}
 
 
-def without_pools(document: dict[str, Any]) -> dict[str, Any]:
-    """The NIC minus what a pool change may touch: pools, etags, provisioning state."""
-    copy = json.loads(json.dumps(document))
-    copy.pop("etag", None)
-    copy.get("tags", {}).pop("drain-sidecar-removed", None)  # the NIC's own removal record
-    copy["properties"].pop("provisioningState", None)
-    for config in copy["properties"]["ipConfigurations"]:
-        config.pop("etag", None)
-        config["properties"].pop("loadBalancerBackendAddressPools", None)
-        config["properties"].pop("provisioningState", None)
-    return copy
-
-
 def pool_status(sidecar: Sidecar) -> dict[str, Any]:
     status: dict[str, Any] = sidecar.status()["pools"]
     return status

@@ -7,15 +7,14 @@ from __future__ import annotations
 import json
 import re
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.receiver import Receiver
-from tests.support import PATIENCE, Sidecar, SidecarFactory, Simulator, child_env, request, wait_for
+from tests.support import PATIENCE, Sidecar, SidecarFactory, Simulator, request, wait_for
+from tests.test_cli import sidecar_cli
 
 TOKEN = "t0ken-for-tests-0123456789abcdef"  # noqa: S105 - a test token
 SECRET_PATH = "/services/T000/B000/XXXXSECRETXXXX"  # noqa: S105 - a fake webhook secret
@@ -217,12 +216,12 @@ def test_status_and_events_commands(simulator: Simulator, start_sidecar: Sidecar
     sidecar.wait_probe(200)
     event = simulator.add_event(type="Reboot", not_before_in=900)
     sidecar.wait_phase(event["EventId"], "waiting")
-    env = child_env({k: v for k, v in sidecar.settings.items() if k.startswith("SIDECAR_")})
-    status = _cli(["status"], env)
+    settings = {k.removeprefix("SIDECAR_").lower(): v for k, v in sidecar.settings.items()}
+    status = sidecar_cli("status", **settings)
     assert status.returncode == 0, status.stderr
     assert re.search(r"^state\s+draining", status.stdout, re.MULTILINE)
     assert event["EventId"] in status.stdout and "waiting" in status.stdout
-    events = _cli(["events"], env)
+    events = sidecar_cli("events", **settings)
     assert events.returncode == 0, events.stderr
     assert event["EventId"] in events.stdout and "Reboot" in events.stdout
 
@@ -245,14 +244,3 @@ def test_legacy_mode_drains_on_a_2016_document(
     assert simulator.approvals() == []
     simulator.control("DELETE", f"/events/{event['EventId']}")
     sidecar.wait_probe(200)
-
-
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )

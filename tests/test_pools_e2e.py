@@ -8,13 +8,13 @@ VM and of no VM sit in the same resource group.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks.lab import without_pools
 from tests.arm_support import (
     EMPTY,
     NIC,
@@ -27,11 +27,10 @@ from tests.arm_support import (
     puts,
     saved_removals,
     seen,
-    without_pools,
 )
 from tests.conftest import SidecarFactory
 from tests.receiver import Receiver
-from tests.support import Simulator, wait_for
+from tests.support import Sidecar, Simulator, wait_for
 from tests.test_drain_e2e import epoch
 
 
@@ -254,34 +253,56 @@ def test_nic_id_setting_skips_discovery(
     assert pools(simulator) == ORIGINAL
 
 
-@pytest.mark.parametrize("enabled", [False, True], ids=["off", "on"])
-def test_azure_sdks_load_when_a_drain_first_needs_them(
-    simulator: Simulator, start_arm_sidecar: SidecarFactory, enabled: bool
+def test_the_azure_sdks_live_in_a_helper_only_while_arm_is_needed(
+    simulator: Simulator,
+    start_arm_sidecar: SidecarFactory,
+    start_sidecar: SidecarFactory,
+    tmp_path: Path,
 ) -> None:
-    """Found by the fleet's cost per VM: the SDKs are 60 MiB of 110; a sidecar with no state
-    file to vouch for its NICs reads their records through a short-lived child instead."""
-    sidecar = start_arm_sidecar(
-        env={"PYTHONPROFILEIMPORTTIME": "1"},
-        arm_enabled="true" if enabled else "false",
-        drain_seconds="600",
-    )
+    """Found by the fleet's cost per VM: the SDKs are 60 MiB, and a sidecar that loaded them kept
+    them for life after its first maintenance. A helper process carries them while ARM is needed
+    and stops after SIDECAR_ARM_IDLE_SECONDS without a call."""
+    sidecar = start_arm_sidecar(arm_idle_seconds="1", drain_seconds="600")
     sidecar.wait_probe(200)
-    if enabled:  # the child's check of the NIC's records is done once it asked for a token
-        wait_for(lambda: seen(simulator, "arm-get"), "the start-up check of the NIC's record")
-        sidecar.wait_polls(4)
-        assert pool_status(sidecar)["mode"] == "standby"
-    assert not _imported(sidecar.process.output(), "azure.mgmt.network")
-    simulator.add_event(type="Reboot", not_before_in=900)
-    sidecar.wait_probe(503)
-    if enabled:
-        wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal")
-    for module in ("azure.identity", "azure.mgmt.network"):
-        assert _imported(sidecar.process.output(), module) is enabled, module
+    wait_for(lambda: pool_status(sidecar)["mode"] == "active", "the NIC found at start-up")
+    first = helper(sidecar)["pid"] or 0
+    assert first, "a helper found the NIC"
+    wait_for(lambda: not helper(sidecar)["running"], "the idle helper to stop")
+    wait_for(lambda: not _alive(first), "the helper process to exit, not left behind")
+
+    event = simulator.add_event(type="Reboot", not_before_in=900)
+    wait_for(lambda: pool_status(sidecar)["removal_done"], "the removal, by a new helper")
+    assert pools(simulator) == EMPTY and helper(sidecar)["starts"] >= 2
+    simulator.control("DELETE", f"/events/{event['EventId']}")
+    sidecar.wait_probe(200)
+    assert pools(simulator) == ORIGINAL
+    wait_for(lambda: not helper(sidecar)["running"], "the helper to stop after the restore")
+
+    # the sidecar itself never loaded the SDKs: about the size of one without pool removal
+    plain = start_sidecar(state_file=str(tmp_path / "plain-state.json"))
+    plain.wait_probe(200)
+    grown = _rss(sidecar.process.popen.pid) - _rss(plain.process.popen.pid)
+    assert grown < 20 * 2**20, f"{grown / 2**20:.1f} MiB more than without pool removal"
 
 
-def _imported(output: str, module: str) -> bool:
-    """-X importtime lines end in "|   module.name"."""
-    return bool(re.search(rf"^import time:.*\|\s+{re.escape(module)}$", output, re.MULTILINE))
+def helper(sidecar: Sidecar) -> dict[str, Any]:
+    found: dict[str, Any] = sidecar.status()["arm_helper"]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def test_arm_server_errors_are_retried_with_back_off(

@@ -16,6 +16,7 @@ from azure.core.rest import HttpRequest
 from azure.identity.aio import ManagedIdentityCredential
 from azure.mgmt.network.aio import NetworkManagementClient
 
+from tests.lb_helpers import CLEAN_ENV
 from tests.simulator_helpers import RunningSimulator, quick_options
 
 SUB = "11111111-2222-4333-8444-555555555555"
@@ -28,23 +29,10 @@ POOL_ADMIN = (
 )
 T = TypeVar("T")
 
-_AZURE_ENV = (
-    "IDENTITY_ENDPOINT",
-    "IDENTITY_HEADER",
-    "MSI_ENDPOINT",
-    "MSI_SECRET",
-    "IMDS_ENDPOINT",
-    "AZURE_FEDERATED_TOKEN_FILE",
-    "AZURE_CLIENT_ID",
-    "AZURE_TENANT_ID",
-    "AZURE_AUTHORITY_HOST",
-)
-_PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
-
 
 @pytest.fixture
 def sim(monkeypatch: pytest.MonkeyPatch) -> Iterator[RunningSimulator]:
-    for name in _AZURE_ENV + _PROXY_ENV:
+    for name in CLEAN_ENV:
         monkeypatch.delenv(name, raising=False)
     with RunningSimulator(quick_options(arm_page_size=2, arm_retry_after=1.0)) as running:
         monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", running.urls.imds_url)
