@@ -137,6 +137,9 @@ class Drainer:
         """Runs until cancelled."""
         policy = self._policy or Policy.from_settings(self.settings, await self._resolve_identity())
         self._policy = policy
+        # the gates speak before the first decision: an event a gate held before a restart (or
+        # first seen now) must not start draining because nobody had asked the gates yet
+        self.state = self._follow_gates(self.state)
         backoff = Backoff(self.settings.poll_interval, self.settings.backoff_max)
         next_poll = time.monotonic()
         while True:

@@ -2,7 +2,9 @@
 
 Invariants: every event that holds the probe down (or whose impact is over while it is listed)
 is written with what approval waited for before the crash: its drain start, the boot id it was
-first seen in, and whether an approval may be in flight (`"approval": "sent"`); times are wall
+first seen in, and whether an approval may be in flight (`"approval": "sent"`); an event a gate
+holds back (the VM serving) is written too, with its boot id, so that after the platform reboots
+the VM its impact is known to be over and it never drains again; times are wall
 clock (the monotonic clock restarts with the process) and are mapped back through one `Now`
 reading at start-up, never into the future; a record that does not parse is skipped, not fatal.
 """
@@ -12,10 +14,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sidecar.events import SCHEDULED
 from sidecar.machine import DrainState, Manual, Now, Phase, Tracked
 
 SECTION = "drain"
-_RESTORED_PHASES = {phase.value: phase for phase in (Phase.APPROVING, Phase.OVER, Phase.STARTED)}
+_RESTORED_PHASES = {
+    phase.value: phase for phase in (Phase.APPROVING, Phase.OVER, Phase.STARTED, Phase.HELD)
+}
 """Kept across a restart; every other phase comes back as draining until the first poll."""
 
 
@@ -23,7 +28,7 @@ def drain_section(state: DrainState, now: Now) -> dict[str, Any]:
     """The part of the drain state a restart needs: drains in progress and approvals made."""
     events = {}
     for event_id, tracked in sorted(state.events.items()):
-        if tracked.phase in (Phase.IGNORED, Phase.HELD):  # a held VM serves: nothing to resume
+        if tracked.phase is Phase.IGNORED:
             continue
         record: dict[str, Any] = {"type": tracked.event_type, "phase": tracked.phase.value}
         if tracked.drain_started_wall is not None:
@@ -32,7 +37,7 @@ def drain_section(state: DrainState, now: Now) -> dict[str, Any]:
             record["started_seen"] = round(now.wall_of(tracked.started_seen), 3)
         if tracked.boot_seen is not None:
             record["boot_seen"] = tracked.boot_seen
-        if tracked.seen_before_start:
+        if tracked.seen_before_start or tracked.status == SCHEDULED:
             record["seen_before_start"] = True
         if tracked.duration_seconds >= 0:
             record["duration"] = tracked.duration_seconds

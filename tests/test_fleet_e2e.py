@@ -11,6 +11,7 @@ web-1 is also alone in pool-admin (rule-admin): the sidecars are told to guard r
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,72 @@ def test_peer_aware_approval_waits_until_every_vm_named_is_out(
     fleet.start("web-3", peer_aware_approval="true", drain_seconds="1", min_drain_seconds="0")
     wait_for(lambda: simulator.approvals_of(event["EventId"]), "the approval once all are out")
     assert len(simulator.approvals_of(event["EventId"])) == 1
+
+
+def test_a_held_vm_the_platform_rebooted_serves_again_and_never_drains_for_it(
+    simulator: Simulator, fleet: Fleet, tmp_path: Path
+) -> None:
+    """Found by the fleet rehearsal: a VM the guard held was rebooted by the platform (the
+    event named every VM); its restarted sidecar had no record of the event from before the
+    start, so it drained (NIC out, hook called) for an impact already over, and stayed out until
+    the event left the document. Held events are now recorded with the boot id they were seen
+    in."""
+    boot_ids = {vm: tmp_path / f"{vm}-boot_id" for vm in VMS}
+    for vm in VMS:
+        boot_ids[vm].write_text(str(uuid.uuid4()))
+        fleet.start(
+            vm,
+            min_healthy_backends="3",
+            approve="never",
+            return_after="impact",
+            boot_id_file=str(boot_ids[vm]),
+        )
+    wait_for(lambda: up_vms(simulator) == set(VMS), "all three up")
+    event = simulator.add_event(
+        type="Reboot", resources=list(VMS), not_before_in=600, impact_seconds=2, linger=600
+    )
+    web2 = fleet.sidecars["web-2"]
+    wait_for(lambda: phase(web2, event["EventId"]) == "held", "web-2 held")
+    puts_before = seen_puts(simulator, "web-2-nic")
+
+    simulator.control("POST", f"/events/{event['EventId']}/start")  # the platform goes ahead
+    wait_for(lambda: impact(simulator, event["EventId"]) == "in-progress", "the impact")
+    web2.process.kill()  # web-2 goes down with the reboot...
+    boot_ids["web-2"].write_text(str(uuid.uuid4()))
+    wait_for(lambda: impact(simulator, event["EventId"]) == "over", "the impact's end")
+    web2.restart()  # ...and boots
+
+    web2.wait_probe(200)
+    assert phase(web2, event["EventId"]) == "over"
+    web2.wait_polls(8)
+    assert web2.probe().status == 200 and phase(web2, event["EventId"]) == "over"
+    assert seen_puts(simulator, "web-2-nic") == puts_before, "web-2's NIC was written"
+
+
+def test_a_held_vm_restarted_alone_stays_held(simulator: Simulator, fleet: Fleet) -> None:
+    """A restart of the sidecar (same boot) while the guard holds its VM changes nothing: the
+    gates are asked before the first decision, so the held event does not start draining."""
+    for vm in VMS:
+        fleet.start(vm, min_healthy_backends="3", approve="never", min_drain_seconds="1")
+    wait_for(lambda: up_vms(simulator) == set(VMS), "all three up")
+    event = simulator.add_event(type="Reboot", resources=list(VMS), not_before_in=600)
+    web2 = fleet.sidecars["web-2"]
+    wait_for(lambda: phase(web2, event["EventId"]) == "held", "web-2 held")
+    wait_for(lambda: up_vms(simulator) == {"web-2", "web-3"}, "web-1 out")
+
+    web2.restart()
+    web2.wait_probe(200)
+    for _ in range(12):  # three seconds of polls and guard checks: still held, still serving
+        web2.wait_polls(1)
+        assert phase(web2, event["EventId"]) == "held" and web2.probe().status == 200
+    assert up_vms(simulator) == {"web-2", "web-3"}
+
+
+def impact(simulator: Simulator, event_id: str) -> str | None:
+    view = next((e for e in simulator.events() if e["EventId"] == event_id), None)
+    return None if view is None else str(view["impact"])
+
+
+def seen_puts(simulator: Simulator, nic_name: str) -> int:
+    log = simulator.control("GET", "/requests")["log"]
+    return sum(1 for r in log if r["method"] == "PUT" and r["path"].endswith(f"/{nic_name}"))
