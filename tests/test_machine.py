@@ -586,3 +586,45 @@ def test_a_freeze_that_paused_this_process_counts_from_before_it() -> None:
     ).state
     assert started.events["e1"].impact_over_at == mono(35.5)  # not 30.5 + 30 + 5
     assert machine.tick(started, at(35.5), IMPACT).state.events["e1"].phase is Phase.OVER
+
+
+def _held_then_restarted(boot_after: str) -> DrainState:
+    """A VM the guard held (boot A), its state file read by a new process in boot `boot_after`,
+    the guard holding again before the first decision (as the drain loop asks it)."""
+    guarded = DrainState(held_by=frozenset({"capacity"}), boot_id="A")
+    held = decide(guarded, doc(event(not_before=NOW + 900)), at(), IMPACT).state
+    assert held.events["e1"].phase is Phase.HELD
+    saved = {"drain": drain_section(held, at(1))}
+    restored = restore_drain(saved, Now(10.0, NOW + 60), boot_id=boot_after)
+    return replace(restored, held_by=frozenset({"capacity"}))
+
+
+def test_a_held_vm_the_platform_rebooted_is_over_not_drained() -> None:
+    """Found by the fleet rehearsal: a held event was not recorded, so after the platform's
+    reboot nothing proved the impact over and the VM drained for it."""
+    after = decide(
+        _held_then_restarted(boot_after="B"),
+        doc(event(status="Started")),
+        Now(11.0, NOW + 61),
+        IMPACT,
+    )
+    assert after.state.events["e1"].phase is Phase.OVER
+    assert after.state.serving and after.actions == ()
+
+
+def test_a_held_vm_restarted_without_a_reboot_stays_held_or_waits_for_its_reboot() -> None:
+    still = decide(
+        _held_then_restarted(boot_after="A"),
+        doc(event(not_before=NOW + 900)),
+        Now(11.0, NOW + 61),
+        IMPACT,
+    )
+    assert still.state.events["e1"].phase is Phase.HELD and still.state.serving
+    started = decide(
+        _held_then_restarted(boot_after="A"),
+        doc(event(status="Started")),
+        Now(11.0, NOW + 61),
+        IMPACT,
+    )
+    assert started.state.events["e1"].phase is Phase.STARTED, "its reboot is still to come"
+    assert not started.state.serving
