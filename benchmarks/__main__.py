@@ -6,7 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("rehearsal", "rotation", "detection", "probe", "footprint")
+BENCHMARKS = (
+    "rehearsal",
+    "rotation",
+    "detection",
+    "probe",
+    "footprint",
+    "crash_campaign",
+    "fleet",
+)
 
 
 def main() -> int:

@@ -67,6 +67,27 @@ def free_port() -> int:
         return port
 
 
+class ListenPorts:
+    """Ports to listen on, below the kernel's ephemeral range. `free_port()` hands out ephemeral
+    ports, and on a busy machine an outgoing connection can take one between the pick and the
+    bind, or between a kill and the restart that binds it again; these never collide that way."""
+
+    def __init__(self) -> None:
+        low = 32768
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        self._next = max(1024, low - 10_000)
+        self._end = low
+
+    def take(self) -> int:
+        while self._next < self._end:
+            port, self._next = self._next, self._next + 1
+            with socket.socket() as sock, contextlib.suppress(OSError):
+                sock.bind(("127.0.0.1", port))
+                return port
+        raise RuntimeError("no free port below the ephemeral range")
+
+
 def listening(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(1.0)
@@ -279,6 +300,11 @@ class Child:
         self._handle.close()
 
 
+def _niced(command: list[str], nice: int) -> list[str]:
+    """Prefixes `nice -n N` (nice execs, so the pid stays the command's own)."""
+    return ["nice", "-n", str(nice), *command] if nice else command
+
+
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
@@ -361,11 +387,17 @@ class Sidecar:
         *,
         cpu: int | None = None,
         env: dict[str, str] | None = None,
+        nice: int = 0,
+        port: int | None = None,
     ) -> None:
+        """`nice` lowers the sidecar's CPU priority (its ARM helper inherits it): a fleet
+        rehearsal runs a hundred "VMs" on the cores the simulated platform needs too. `port`:
+        the probe's port (default: a free one)."""
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
         self.workdir = workdir
         self.cpu = cpu
+        self.nice = nice
         self.env = env or {}
         self.boot_id_file = workdir / f"{name}-boot_id"
         self.boot_id_file.write_text(f"{uuid.uuid4()}\n")
@@ -380,7 +412,7 @@ class Sidecar:
 
     def _start(self) -> Child:
         return Child(
-            pin(python_module("sidecar", "run"), self.cpu),
+            _niced(pin(python_module("sidecar", "run"), self.cpu), self.nice),
             self.workdir / f"{self.name}-sidecar.log",
             child_env({**self.env, **self.settings}),
         )
@@ -799,6 +831,14 @@ def cpu_seconds(pid: int) -> float:
     fields = raw[raw.rindex(")") + 2 :].split()
     ticks = int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """A process's children (a sidecar's: its ARM helper while one runs); none once it is gone."""
+    with contextlib.suppress(OSError):
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        return [int(child) for child in text.split()]
+    return []
 
 
 MIB = 1024 * 1024
