@@ -8,6 +8,7 @@ VM and of no VM sit in the same resource group.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from tests.arm_support import (
 )
 from tests.conftest import SidecarFactory
 from tests.receiver import Receiver
-from tests.support import Sidecar, Simulator, wait_for
+from tests.support import PATIENCE, Sidecar, Simulator, wait_for
 from tests.test_drain_e2e import epoch
 
 
@@ -303,6 +304,48 @@ def _rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_arm_throttling_is_waited_out_and_the_nic_ends_in_its_pools(
+    simulator: Simulator, start_arm_sidecar: SidecarFactory
+) -> None:
+    """ARM's throttling as Azure documents it (429 SubscriptionRequestsThrottled with
+    Retry-After, from the simulator's token buckets, squeezed here so that one drain meets
+    them): every call waits at least as long as ARM says, and the NIC goes out and back."""
+    simulator.control(
+        "PATCH",
+        "/settings",
+        {
+            "arm_throttle": {
+                "enabled": True,
+                "read_bucket": 2,
+                "read_refill": 0.5,
+                "write_bucket": 1,
+                "write_refill": 0.5,
+            }
+        },
+    )
+    sidecar = start_arm_sidecar(drain_seconds="1")
+    sidecar.wait_probe(200)
+    event = simulator.add_event(type="Reboot", not_before_in=900)
+    wait_for(lambda: simulator.approvals_of(event["EventId"]), "the approval", timeout=PATIENCE)
+    assert pools(simulator) == EMPTY, "approval waited for the removal"
+    simulator.control("DELETE", f"/events/{event['EventId']}")
+    wait_for(lambda: pools(simulator) == ORIGINAL, "the restore", timeout=PATIENCE)
+    sidecar.wait_probe(200)
+
+    requests = simulator.control("GET", "/requests")
+    assert requests["throttled"]["total"] > 0, "the buckets never ran dry: nothing was shown"
+    arm = [r for r in requests["log"] if r["kind"].startswith("arm")]
+    for kind in ("read", "write"):
+        calls = [r for r in arm if _operation(r["method"]) == kind]
+        for refused, after in itertools.pairwise(calls):
+            if refused["throttled"]:  # Retry-After is at least one second
+                assert after["t"] - refused["t"] >= 0.95, (kind, refused, after)
+
+
+def _operation(method: str) -> str:
+    return "read" if method in ("GET", "HEAD") else "write"
 
 
 def test_arm_server_errors_are_retried_with_back_off(
