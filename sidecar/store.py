@@ -5,7 +5,8 @@ Invariants:
   directory); each section sits on a line of its own, so a file damaged later (a torn write on a
   careless filesystem, a hand edit) still yields every section whose line parses;
 - nothing is discarded: a damaged file is copied aside before anything is written over it, what
-  parses of it is kept, and what was lost is said in the log and in /status; a file written by a
+  parses of it is kept (and written back as a whole file at the first write), and what was lost
+  is said in the log and in /status; a file written by a
   newer version stops start-up with a message instead (its format is not ours to guess);
 - sections this version does not know are kept as they were.
 """
@@ -189,8 +190,10 @@ class StateDocument:
         self.enabled = enabled
         self.sections: dict[str, Any] = store.load()
         self._lock = asyncio.Lock()
-        self._saved = True
-        """Whether the file holds `sections` (False after a failed or interrupted write)."""
+        self._saved = store.report.problem is None
+        """Whether the file holds `sections`: False after a failed or interrupted write, and
+        after a salvage, so that the first write puts a whole file back even when no section
+        changed (a torn file would otherwise stay torn, and be found damaged at every start)."""
 
     async def write(self, section: str, value: Any) -> bool:
         """Raises OSError when the file cannot be written; returns whether anything changed.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from sidecar import __version__
 from tests.conftest import SidecarFactory
-from tests.support import Simulator, child_env
+from tests.support import Simulator, child_env, wait_for
 
 
 def sidecar_cli(*args: str, **settings: str) -> subprocess.CompletedProcess[str]:
@@ -89,6 +90,36 @@ def test_corrupt_state_file_is_kept_aside_and_reported(
     report = sidecar.status()["state_file"]
     assert report["problem"].startswith("is not JSON")
     assert report["copied_to"] == str(aside[0])
+
+
+def test_damaged_state_file_is_rewritten_whole_even_when_nothing_changes(
+    simulator: Simulator, start_sidecar: SidecarFactory, tmp_path: Path
+) -> None:
+    """Found by the crash campaign: a file torn mid-line was salvaged, but left torn on disk
+    while no section changed, so every later start found it damaged again."""
+    state = tmp_path / "state.json"
+    torn = (
+        '{\n"version": 1,\n"drain": {"approved": {}, "draining": {}},\n"pools": {"removed": {"/sub'
+    )
+    state.write_text(torn)
+    sidecar = start_sidecar()
+    sidecar.wait_probe(200)
+    wait_for(lambda: _parses(state), "the salvaged sections written back as a whole file")
+    assert json.loads(state.read_text())["drain"] == {"approved": {}, "draining": {}}
+    assert sidecar.status()["state_file"]["lost"] == ["pools"]
+
+    sidecar.restart()  # the next start finds a sound file
+    sidecar.wait_probe(200)
+    assert sidecar.status()["state_file"] is None
+    assert len(list(tmp_path.glob("state.json.corrupt-*"))) == 1
+
+
+def _parses(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except ValueError:
+        return False
+    return True
 
 
 def test_vm_name_comes_from_instance_metadata(
