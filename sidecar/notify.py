@@ -6,7 +6,9 @@ Invariants:
 - each notice reaches each webhook once, in order: retried with back-off and jitter until it
   is accepted (2xx) or given up on, with an `Idempotency-Key` header (event id + phase) so a
   receiver can drop the rare repeat; what was delivered and what is still pending are in the
-  state file, so a restart neither repeats nor loses a phase;
+  state file, so a restart neither repeats nor loses a phase. The repeat: a crash after the
+  receiver accepted a notice and before the state file recorded it (a few milliseconds) sends
+  it again; /status counts a delivery only once recorded;
 - webhook URLs are secrets: logs and /status name their host only;
 - syslog gets one RFC 5424 line per notice.
 """
@@ -164,10 +166,10 @@ class Notifier:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             error, retry_after = await self._post(webhook, session, notice)
             if error is None:
-                webhook.delivered += 1
                 self.metrics.webhooks.labels("ok").inc()
                 self.sent[f"{webhook.id}:{notice.key}"] = time.time()
                 await self._save()
+                webhook.delivered += 1  # counted once recorded: a restart will not repeat it
                 return
             webhook.failures += 1
             webhook.last_error = error
