@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import random
 import tempfile
 import threading
@@ -64,6 +63,7 @@ from benchmarks.lab import (
     RESULTS,
     Child,
     ListenPorts,
+    LoadGenerator,
     Sidecar,
     Simulator,
     children,
@@ -202,15 +202,8 @@ class Vm:
     def cpu_now(self) -> float:
         """This sidecar's CPU so far, its reaped children (the ARM helpers) included."""
         with contextlib.suppress(OSError):
-            return _cpu_with_children(self.sidecar.child.pid)
+            return cpu_seconds(self.sidecar.child.pid, reaped_children=True)
         return 0.0
-
-
-def _cpu_with_children(pid: int) -> float:
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    ticks = sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class AppHost:
@@ -516,64 +509,40 @@ class Load:
     """Two load generators through the rule's frontend: keep-alive and one request per flow."""
 
     def __init__(self, workdir: Path, port: int, plan: Plan) -> None:
-        self.workdir = workdir
-        self.children: dict[str, Child] = {}
-        for kind, share, concurrency in (("keepalive", 0.6, 24), ("fresh", 0.4, 12)):
-            out = workdir / f"load-{kind}.json"
-            ready = workdir / f"load-{kind}-ready.json"
-            ready.unlink(missing_ok=True)
-            args = [
-                "--url",
+        self.generators = {
+            kind: LoadGenerator(
+                workdir,
+                f"load-{kind}",
                 f"http://127.0.0.1:{port}/",
-                "--rate",
-                str(plan.rate * share),
-                "--concurrency",
-                str(concurrency),
-                "--duration",
-                "7200",
-                "--max-requests",
-                "100000000",
-                "--timeout",
-                str(plan.request_timeout),
-                "--out",
-                str(out),
-                "--ready-file",
-                str(ready),
-            ]
-            if kind == "keepalive":
-                args.append("--keepalive")
-            self.children[kind] = Child(
-                python_module("benchmarks.loadgen", *args), workdir / f"load-{kind}.log"
+                rate=plan.rate * share,
+                concurrency=concurrency,
+                duration=7200,
+                max_requests=100_000_000,
+                timeout=plan.request_timeout,
+                keepalive=kind == "keepalive",
             )
-        for kind, child in self.children.items():
-            ready = workdir / f"load-{kind}-ready.json"
-            wait_for(lambda r=ready, c=child: r.exists() or _died(c), f"{kind} load's first answer")
+            for kind, share, concurrency in (("keepalive", 0.6, 24), ("fresh", 0.4, 12))
+        }
+        for kind, generator in self.generators.items():
+            generator.wait_ready(f"{kind} load's first answer")
 
     def stop(self) -> dict[str, Any]:
         result: dict[str, Any] = {}
-        for kind, child in self.children.items():
-            child.terminate(PATIENCE)
-            data = json.loads((self.workdir / f"load-{kind}.json").read_text())
-            records = data["records"]
+        for kind, generator in self.generators.items():
+            records, retried = generator.stop()
             failures = [r for r in records if r[2] is not None]
             result[kind] = {
                 "requests": len(records),
                 "failed": len(failures),
-                "retried": data["retried"],
+                "retried": retried,
                 "failures_by_error": dict(Counter(r[2] for r in failures)),
                 "failed_at": [round(r[0], 3) for r in failures],
             }
         return result
 
     def close(self) -> None:
-        for child in self.children.values():
-            child.close()
-
-
-def _died(child: Child) -> bool:
-    if not child.alive():
-        raise RuntimeError(f"a load generator exited:\n{child.output()}")
-    return False
+        for generator in self.generators.values():
+            generator.close()
 
 
 # --- one scenario

@@ -300,6 +300,61 @@ class Child:
         self._handle.close()
 
 
+class LoadGenerator:
+    """`benchmarks.loadgen` as a child process: started, waited for until its first answer,
+    stopped and read back."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        url: str,
+        *,
+        rate: float,
+        concurrency: int,
+        duration: float,
+        max_requests: int,
+        timeout: float,
+        keepalive: bool,
+    ) -> None:
+        self.name = name
+        self.out = workdir / f"{name}.json"
+        self.ready = workdir / f"{name}-ready.json"
+        self.ready.unlink(missing_ok=True)
+        args = [
+            *("--url", url),
+            *("--rate", str(rate)),
+            *("--concurrency", str(concurrency)),
+            *("--duration", str(duration)),
+            *("--max-requests", str(max_requests)),
+            *("--timeout", str(timeout)),
+            *("--out", str(self.out)),
+            *("--ready-file", str(self.ready)),
+            *(("--keepalive",) if keepalive else ()),
+        ]
+        self.child = Child(python_module("benchmarks.loadgen", *args), workdir / f"{name}.log")
+
+    def wait_ready(self, what: str) -> None:
+        """Until the first answer came back; a generator that exited meanwhile is an error."""
+
+        def answered() -> bool:
+            if not self.child.alive():
+                raise RuntimeError(f"load generator {self.name} exited:\n{self.child.output()}")
+            return self.ready.exists()
+
+        wait_for(answered, what)
+
+    def stop(self) -> tuple[list[list[Any]], int]:
+        """Its records ([sent at, seconds, error or None], ...) and the requests it retried."""
+        self.child.terminate(timeout=PATIENCE)
+        result = json.loads(self.out.read_text())
+        records: list[list[Any]] = result["records"]
+        return records, int(result["retried"])
+
+    def close(self) -> None:
+        self.child.close()
+
+
 def _niced(command: list[str], nice: int) -> list[str]:
     """Prefixes `nice -n N` (nice execs, so the pid stays the command's own)."""
     return ["nice", "-n", str(nice), *command] if nice else command
@@ -825,11 +880,13 @@ def pss_bytes(pid: int) -> int | None:
     return None
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process (fields 14 and 15 of /proc/PID/stat)."""
+def cpu_seconds(pid: int, *, reaped_children: bool = False) -> float:
+    """User + system CPU time of one process (fields 14 and 15 of /proc/PID/stat); with
+    `reaped_children`, that of its children it has waited for too (16 and 17: a sidecar's
+    ARM helpers that have stopped)."""
     raw = Path(f"/proc/{pid}/stat").read_text()
     fields = raw[raw.rindex(")") + 2 :].split()
-    ticks = int(fields[11]) + int(fields[12])
+    ticks = sum(int(value) for value in fields[11 : 15 if reaped_children else 13])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

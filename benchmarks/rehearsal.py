@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import tempfile
 import threading
 import time
@@ -46,8 +45,8 @@ from benchmarks.lab import (
     PATIENCE,
     Backend,
     CheckPolicy,
-    Child,
     HAProxy,
+    LoadGenerator,
     Nginx,
     Sidecar,
     Simulator,
@@ -55,7 +54,6 @@ from benchmarks.lab import (
     WebApp,
     distribution,
     machine,
-    python_module,
     table,
     wait_for,
     wall_time,
@@ -338,8 +336,7 @@ def run_phase(
 
         load = _start_load(workdir, haproxy.port, scenario, plan)
         stack.callback(load.close)
-        ready = workdir / "load-ready.json"
-        wait_for(lambda: ready.exists() or _died(load), "the first answer through HAProxy")
+        load.wait_ready("the first answer through HAProxy")
         moments.load_ready = time.monotonic()
         time.sleep(plan.warmup)
 
@@ -386,7 +383,7 @@ def run_phase(
         )
         moments.back = back
         time.sleep(plan.tail)
-        records, retried = _stop_load(load, workdir)
+        records, retried = load.stop()
         moments.end = time.monotonic()
         approvals = len(simulator.approvals_of(event["EventId"])) if with_sidecar else 0
         return _summarize(
@@ -437,43 +434,19 @@ def _sidecar_settings(
     return settings
 
 
-def _start_load(workdir: Path, port: int, scenario: Scenario, plan: Plan) -> Child:
-    (workdir / "load-ready.json").unlink(missing_ok=True)
+def _start_load(workdir: Path, port: int, scenario: Scenario, plan: Plan) -> LoadGenerator:
     bound = plan.warmup + scenario.not_before_in + plan.reboot_seconds + plan.tail + 3 * PATIENCE
-    args = [
-        "--url",
+    return LoadGenerator(
+        workdir,
+        "load",
         f"http://127.0.0.1:{port}/",
-        "--rate",
-        str(plan.rate),
-        "--concurrency",
-        str(plan.concurrency),
-        "--duration",
-        str(bound),
-        "--max-requests",
-        str(int(plan.rate * bound)),
-        "--out",
-        str(workdir / "load.json"),
-        "--ready-file",
-        str(workdir / "load-ready.json"),
-        "--timeout",
-        str(plan.request_timeout),
-    ]
-    if scenario.keepalive:
-        args.append("--keepalive")
-    return Child(python_module("benchmarks.loadgen", *args), workdir / "loadgen.log")
-
-
-def _died(child: Child) -> bool:
-    if not child.alive():
-        raise RuntimeError(f"the load generator exited:\n{child.output()}")
-    return False
-
-
-def _stop_load(load: Child, workdir: Path) -> tuple[list[list[Any]], int]:
-    load.terminate(timeout=PATIENCE)
-    result = json.loads((workdir / "load.json").read_text())
-    records: list[list[Any]] = result["records"]
-    return records, int(result["retried"])
+        rate=plan.rate,
+        concurrency=plan.concurrency,
+        duration=bound,
+        max_requests=int(plan.rate * bound),
+        timeout=plan.request_timeout,
+        keepalive=scenario.keepalive,
+    )
 
 
 def _summarize(

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from benchmarks.lab import without_pools
+from sidecar.simulator.throttle import READS, WRITES, operation_of
 from tests.arm_support import (
     EMPTY,
     NIC,
@@ -337,15 +338,11 @@ def test_arm_throttling_is_waited_out_and_the_nic_ends_in_its_pools(
     requests = simulator.control("GET", "/requests")
     assert requests["throttled"]["total"] > 0, "the buckets never ran dry: nothing was shown"
     arm = [r for r in requests["log"] if r["kind"].startswith("arm")]
-    for kind in ("read", "write"):
-        calls = [r for r in arm if _operation(r["method"]) == kind]
+    for kind in (READS, WRITES):
+        calls = [r for r in arm if operation_of(r["method"]) == kind]
         for refused, after in itertools.pairwise(calls):
             if refused["throttled"]:  # Retry-After is at least one second
                 assert after["t"] - refused["t"] >= 0.95, (kind, refused, after)
-
-
-def _operation(method: str) -> str:
-    return "read" if method in ("GET", "HEAD") else "write"
 
 
 def test_arm_server_errors_are_retried_with_back_off(
