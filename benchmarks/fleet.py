@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import random
@@ -356,7 +357,7 @@ class Fleet:
                     "PUT", f"/vms/{vm.name}/ports", {"8080": vm.sidecar.port, "80": vm.app_port}
                 )
         for vm in self.vms.values():
-            wait_for(lambda vm=vm: self._pools_active(vm), f"{vm.name}'s NIC discovery")
+            wait_for(functools.partial(self._pools_active, vm), f"{vm.name}'s NIC discovery")
         wait_for(
             lambda: self.counts()["up"] == len(self.names),
             "every backend up",
@@ -388,6 +389,10 @@ class Fleet:
     def settled(self) -> bool:
         counts = self.counts()
         return counts["members"] == len(self.names) and counts["up"] == len(self.names)
+
+    def booted(self, event_id: str) -> bool:
+        """Whether the platform has rebooted every VM this event names."""
+        return "booted" in self.impacts.get(event_id, {})
 
     def event_view(self, event_id: str) -> dict[str, Any] | None:
         for view in self.simulator.control("GET", "/events")["events"]:
@@ -602,7 +607,7 @@ def drive(fleet: Fleet, plan: Plan, scenario: Scenario, rng: random.Random) -> l
             fleet.restart_at_random(victims, plan.drain_seconds + 8.0, rng)
         event_id = event["EventId"]
         wait_for(
-            lambda event_id=event_id: "booted" in fleet.impacts.get(event_id, {}),
+            functools.partial(fleet.booted, event_id),
             f"event {event_id}'s impact and the reboots",
             timeout=plan.not_before_in + PATIENCE,
             every=0.1,
