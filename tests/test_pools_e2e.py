@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from benchmarks.lab import without_pools
+from sidecar.pools import RESTORE_BACKOFF_MAX
 from sidecar.simulator.throttle import READS, WRITES, operation_of
 from tests.arm_support import (
     EMPTY,
@@ -118,7 +119,13 @@ def test_sigkill_mid_removal_ends_with_the_nic_back_in_its_pools(
     simulator.control("DELETE", f"/events/{event['EventId']}")
     sidecar.restart()
     sidecar.wait_probe(200)
-    wait_for(lambda: pools(simulator) == ORIGINAL, "the NIC back once ARM is done")
+    # the restarted sidecar meets the NIC still Updating, and retries with its restore back-off
+    # (jittered, doubling up to RESTORE_BACKOFF_MAX) until ARM has finished the operation
+    wait_for(
+        lambda: pools(simulator) == ORIGINAL,
+        "the NIC back once ARM is done",
+        timeout=PATIENCE + RESTORE_BACKOFF_MAX,
+    )
     wait_for(lambda: saved_removals(tmp_path) == {}, "the record cleared")
     assert "out of backend pools" in sidecar.process.output()
 
